@@ -1,0 +1,322 @@
+"""Bytes <-> backout records with fastavro. Pure: no I/O.
+
+Records are written in Avro single-object encoding by default: ``0xC3 0x01``, the
+8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's parsing canonical
+form, then the Avro binary body. Any Avro implementation holding the schema can read it.
+Older writer schemas (``schemas/history``) stay readable: their fingerprints map to the
+old schema, and the body is resolved into the current one.
+
+Confluent Schema Registry framing (``0x00`` + 4-byte schema id) lives in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cache
+from importlib import resources
+from io import BytesIO
+from typing import Any, TypeVar, cast
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import to_parsing_canonical_form
+
+from backout.schemas.errors import DecodeError, SchemaError
+from backout.schemas.events import (
+    ActionEvent,
+    CallStatus,
+    Compensation,
+    ControlAction,
+    ControlCommand,
+    ErrorInfo,
+    EventKind,
+    Evidence,
+    FreezeMode,
+    Origin,
+    RecordImage,
+    Reversibility,
+    Severity,
+    Signal,
+    TargetRef,
+)
+from pydantic import BaseModel, JsonValue
+
+__all__ = [
+    "RECORD_TYPES", "SINGLE_OBJECT_MAGIC", "WriterSchema", "crc64_avro", "current_schema",
+    "decode", "decode_body", "encode", "encode_body", "from_avro_json", "from_datum",
+    "record_name", "schema_catalog", "to_avro_json", "to_datum", "to_parsing_canonical_form",
+    "writer_schema",
+]
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+_HEADER_LEN = 10
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+RecordT = TypeVar("RecordT", ActionEvent, ControlCommand, Signal)
+RECORD_TYPES: tuple[type[BaseModel], ...] = (ActionEvent, ControlCommand, Signal)
+
+
+# --- CRC-64-AVRO (Rabin) fingerprint, as the Avro specification defines it -------------
+_EMPTY64 = 0xC15D213AA4D7A795
+
+
+def _fingerprint_table() -> list[int]:
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (_EMPTY64 & -(fp & 1))
+        table.append(fp)
+    return table
+
+
+_FP_TABLE = _fingerprint_table()
+
+
+def crc64_avro(data: bytes) -> int:
+    """The 64-bit Rabin fingerprint (CRC-64-AVRO) of ``data``."""
+    fp = _EMPTY64
+    for byte in data:
+        fp = (fp >> 8) ^ _FP_TABLE[(fp ^ byte) & 0xFF]
+    return fp
+
+
+# --- schemas ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WriterSchema:
+    """A schema some record may have been written with."""
+
+    record_type: type[BaseModel]
+    parsed: dict[str, Any]
+    canonical: str
+    fingerprint: bytes
+    """8 bytes, little-endian, as single-object encoding puts it on the wire."""
+    is_current: bool
+
+
+def _load_avsc(name: str) -> dict[str, Any]:
+    text = resources.files("backout.schemas").joinpath(name).read_text("utf-8")
+    return cast(dict[str, Any], json.loads(text))
+
+
+def writer_schema(raw: dict[str, Any], record_type: type[BaseModel], current: bool) -> WriterSchema:
+    parsed = parse_schema(raw, _write_hint=True, _force=True)
+    canonical = to_parsing_canonical_form(raw)
+    fp = crc64_avro(canonical.encode("utf-8")).to_bytes(8, "little")
+    return WriterSchema(record_type, parsed, canonical, fp, current)
+
+
+@cache
+def schema_catalog() -> dict[bytes, WriterSchema]:
+    """Every known writer schema by fingerprint: the current ones and ``history/*.avsc``."""
+    catalog: dict[bytes, WriterSchema] = {}
+    for record_type in RECORD_TYPES:
+        name = record_type.__name__
+        current = writer_schema(_load_avsc(f"{name}.avsc"), record_type, True)
+        catalog[current.fingerprint] = current
+        history = resources.files("backout.schemas").joinpath("history")
+        for entry in sorted(history.iterdir(), key=lambda e: e.name):
+            if entry.name.startswith(f"{name}.v") and entry.name.endswith(".avsc"):
+                old = writer_schema(json.loads(entry.read_text("utf-8")), record_type, False)
+                catalog.setdefault(old.fingerprint, old)
+    return catalog
+
+
+@cache
+def current_schema(record_type: type[BaseModel]) -> WriterSchema:
+    """The schema records of ``record_type`` are written with now."""
+    for schema in schema_catalog().values():
+        if schema.record_type is record_type and schema.is_current:
+            return schema
+    raise SchemaError(f"no schema for {record_type.__name__!r}")
+
+
+# --- model <-> Avro datum ---------------------------------------------------------------
+def to_avro_json(value: JsonValue) -> object:
+    """A JSON value as the Avro JsonValue union: scalars native, the rest as JsonText."""
+    if value is None or isinstance(value, bool | str | float):
+        return value
+    if isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    return {"json": json.dumps(value, sort_keys=True, separators=(",", ":"))}
+
+
+def from_avro_json(value: object) -> JsonValue:
+    """Inverse of :func:`to_avro_json`."""
+    if type(value) is dict:
+        return cast(JsonValue, json.loads(value["json"]))
+    return cast(JsonValue, value)
+
+
+def _map_out(values: dict[str, JsonValue]) -> dict[str, object]:
+    return {k: to_avro_json(v) for k, v in values.items()}
+
+
+def _map_in(values: dict[str, object]) -> dict[str, JsonValue]:
+    return {k: from_avro_json(v) for k, v in values.items()}
+
+
+def _image_out(image: RecordImage | None) -> dict[str, object] | None:
+    if image is None:
+        return None
+    return {"exists": image.exists, "fields": _map_out(image.fields),
+            "version": to_avro_json(image.version)}
+
+
+def _image_in(datum: dict[str, Any] | None) -> RecordImage | None:
+    if datum is None:
+        return None
+    return RecordImage.model_construct(
+        exists=datum["exists"], fields=_map_in(datum["fields"]),
+        version=from_avro_json(datum["version"]))
+
+
+def _action_out(event: ActionEvent) -> dict[str, object]:
+    datum = dict(event.__dict__)
+    datum["requested_args"] = _map_out(event.requested_args)
+    if event.approved_args is not None:
+        datum["approved_args"] = _map_out(event.approved_args)
+    if event.target is not None:
+        datum["target"] = event.target.__dict__
+    datum["before"] = _image_out(event.before)
+    datum["after"] = _image_out(event.after)
+    datum["result"] = to_avro_json(event.result)
+    if event.error is not None:
+        datum["error"] = event.error.__dict__
+    if event.compensation is not None:
+        datum["compensation"] = {**event.compensation.__dict__,
+                                 "args": _map_out(event.compensation.args)}
+    return datum
+
+
+def _action_in(d: dict[str, Any]) -> ActionEvent:
+    d["kind"] = EventKind(d["kind"])
+    d["reversibility"] = Reversibility(d["reversibility"])
+    d["status"] = CallStatus(d["status"])
+    d["origin"] = Origin(d["origin"])
+    d["requested_args"] = _map_in(d["requested_args"])
+    if d["approved_args"] is not None:
+        d["approved_args"] = _map_in(d["approved_args"])
+    if d["target"] is not None:
+        d["target"] = TargetRef.model_construct(**d["target"])
+    d["before"] = _image_in(d["before"])
+    d["after"] = _image_in(d["after"])
+    d["result"] = from_avro_json(d["result"])
+    if d["error"] is not None:
+        d["error"] = ErrorInfo.model_construct(**d["error"])
+    comp = d["compensation"]
+    if comp is not None:
+        comp["args"] = _map_in(comp["args"])
+        d["compensation"] = Compensation.model_construct(**comp)
+    return ActionEvent.model_construct(**d)
+
+
+def _control_out(command: ControlCommand) -> dict[str, object]:
+    datum = dict(command.__dict__)
+    if command.approved_args is not None:
+        datum["approved_args"] = _map_out(command.approved_args)
+    return datum
+
+
+def _control_in(d: dict[str, Any]) -> ControlCommand:
+    d["action"] = ControlAction(d["action"])
+    d["mode"] = FreezeMode(d["mode"])
+    if d["approved_args"] is not None:
+        d["approved_args"] = _map_in(d["approved_args"])
+    return ControlCommand.model_construct(**d)
+
+
+def _signal_out(signal: Signal) -> dict[str, object]:
+    datum = dict(signal.__dict__)
+    datum["evidence"] = [e.__dict__ for e in signal.evidence]
+    return datum
+
+
+def _signal_in(d: dict[str, Any]) -> Signal:
+    d["severity"] = Severity(d["severity"])
+    d["evidence"] = [Evidence.model_construct(**e) for e in d["evidence"]]
+    return Signal.model_construct(**d)
+
+
+_TO_DATUM: dict[type[BaseModel], Callable[[Any], dict[str, object]]] = {
+    ActionEvent: _action_out, ControlCommand: _control_out, Signal: _signal_out}
+_FROM_DATUM: dict[type[BaseModel], Callable[[dict[str, Any]], BaseModel]] = {
+    ActionEvent: _action_in, ControlCommand: _control_in, Signal: _signal_in}
+
+
+def to_datum(record: BaseModel) -> dict[str, object]:
+    """The Avro datum (plain dict) for a record, as fastavro writes it."""
+    try:
+        return _TO_DATUM[type(record)](record)
+    except KeyError:
+        raise SchemaError(f"not a backout record: {type(record).__name__!r}") from None
+
+
+def from_datum(record_type: type[RecordT], datum: dict[str, Any]) -> RecordT:
+    """The record for an Avro datum read with the current schema of ``record_type``."""
+    return cast(RecordT, _FROM_DATUM[record_type](datum))
+
+
+def encode_body(record: BaseModel) -> bytes:
+    """The bare Avro binary body of ``record`` (no header), with its current schema."""
+    buf = BytesIO()
+    try:
+        schemaless_writer(buf, current_schema(type(record)).parsed, to_datum(record))
+    except (ValueError, TypeError) as exc:
+        raise SchemaError(f"{type(record).__name__} does not fit its schema: {exc}") from exc
+    return buf.getvalue()
+
+
+def decode_body(body: bytes, writer: WriterSchema, *, raw: bytes | None = None) -> BaseModel:
+    """Read an Avro body written with ``writer`` into the current model."""
+    reader = None if writer.is_current else current_schema(writer.record_type).parsed
+    try:
+        datum = schemaless_reader(BytesIO(body), writer.parsed, reader)
+        return from_datum(writer.record_type, cast(dict[str, Any], datum))
+    except Exception as exc:  # fastavro raises many types on corrupt input
+        raise DecodeError(f"corrupt {writer.record_type.__name__} body: {exc!r}",
+                          raw=raw if raw is not None else body) from exc
+
+
+# --- single-object encoding -----------------------------------------------------------
+def encode(record: BaseModel) -> bytes:
+    """Encode a record in Avro single-object encoding."""
+    header = SINGLE_OBJECT_MAGIC + current_schema(type(record)).fingerprint
+    return header + encode_body(record)
+
+
+def decode(raw: bytes, expected: type[RecordT] | None = None) -> Any:
+    """Decode single-object-encoded bytes into the record they hold.
+
+    Args:
+        raw: the bytes, as read from a topic.
+        expected: when given, the record must be of this type.
+
+    Raises:
+        DecodeError: the bytes are truncated, garbage, of an unknown schema, or not
+            of the ``expected`` type. The error keeps ``raw``.
+    """
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(raw).__name__}", raw=b"")
+    raw = bytes(raw)
+    if len(raw) < _HEADER_LEN or raw[:2] != SINGLE_OBJECT_MAGIC:
+        raise DecodeError("not Avro single-object encoding (missing 0xC3 0x01 header)", raw=raw)
+    writer = schema_catalog().get(raw[2:_HEADER_LEN])
+    if writer is None:
+        raise DecodeError(f"unknown schema fingerprint {raw[2:_HEADER_LEN].hex()}", raw=raw)
+    if expected is not None and writer.record_type is not expected:
+        raise DecodeError(
+            f"expected {expected.__name__}, got {writer.record_type.__name__}", raw=raw)
+    return decode_body(raw[_HEADER_LEN:], writer, raw=raw)
+
+
+def record_name(record_type: type[BaseModel]) -> str:
+    """The Avro full name of a record type, e.g. ``backout.v1.ActionEvent``."""
+    return f"backout.v1.{record_type.__name__}"
+
+
+def enum_symbols(enum_type: type[StrEnum]) -> list[str]:
+    """The Avro symbols of one of our enums (its values, in order)."""
+    return [member.value for member in enum_type]
