@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 import click
 import typer
-from backout.infra.clikit import one_line
-from backout.schemas.errors import BackoutError
 from pydantic import ValidationError
 from rich.console import Console
+
+from backout.infra.clikit import one_line
+from backout.schemas.errors import BackoutError
 
 app = typer.Typer(
     name="backout",

@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import typer
-from backout.infra.settings import Settings
-from backout.schemas.errors import ConfigError
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
+
+from backout.infra.settings import Settings
+from backout.schemas.errors import ConfigError
 
 console = Console(highlight=False, soft_wrap=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
 from backout.infra.broker import kafka_config
 from backout.infra.settings import Settings
 from backout.schemas.errors import ConfigError
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
 
 _DAY_MS = 24 * 3600 * 1000
 _FOREVER = "-1"

@@ -13,11 +13,12 @@ import threading
 import time
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
 from backout.infra.broker import kafka_config
 from backout.infra.settings import Settings
 from backout.producers.sink import Headers, Published
 from backout.schemas.errors import PublishError
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 
 class _Delivery:

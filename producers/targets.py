@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from backout.schemas.errors import BackoutError, ConfigError
-from backout.schemas.events import JsonMap, RecordImage
 from pydantic import JsonValue
 from sqlalchemy import Column, MetaData, Table, and_, delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, NoSuchTableError, OperationalError
+
+from backout.schemas.errors import BackoutError, ConfigError
+from backout.schemas.events import JsonMap, RecordImage
 
 
 class TargetUnavailable(BackoutError):

@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import to_parsing_canonical_form
+from pydantic import BaseModel, JsonValue
 
 from backout.schemas.errors import DecodeError, SchemaError
 from backout.schemas.events import (
@@ -41,7 +42,6 @@ from backout.schemas.events import (
     Signal,
     TargetRef,
 )
-from pydantic import BaseModel, JsonValue
 
 __all__ = [
     "RECORD_TYPES", "SINGLE_OBJECT_MAGIC", "WriterSchema", "crc64_avro", "current_schema",

@@ -12,11 +12,12 @@ import json
 import threading
 from typing import Any, Protocol, TypeVar
 
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from pydantic import BaseModel
+
 from backout.schemas import codec
 from backout.schemas.errors import DecodeError, SchemaError
 from backout.schemas.events import ActionEvent, ControlCommand, Signal
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
-from pydantic import BaseModel
 
 RecordT = TypeVar("RecordT", ActionEvent, ControlCommand, Signal)
 _MAGIC = b"\x00"

@@ -12,12 +12,13 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from backout.schemas.codec import encode_body
-from backout.schemas.errors import ConfigError, ControlError
-from backout.schemas.events import ControlCommand
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from backout.schemas.codec import encode_body
+from backout.schemas.errors import ConfigError, ControlError
+from backout.schemas.events import ControlCommand
 
 
 class SignatureInvalid(ControlError):

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from backout.infra import broker as broker_mod
 from backout.infra.settings import Settings
 from backout.infra.topics import ensure_topics
