@@ -71,8 +71,7 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BrokerUnavailable(
-                f"the embedded broker exited at start (code {proc.returncode})")
+            raise BrokerUnavailable(f"the embedded broker exited at start (code {proc.returncode})")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
             return
         time.sleep(0.02)
@@ -91,8 +90,9 @@ def tansu_binary() -> str:
         raise BrokerUnavailable(f"no embedded broker binary: {exc}") from exc
 
 
-def start_embedded(*, port: int | None = None, timeout: float = 15.0,
-                   log_path: Path | None = None) -> Broker:
+def start_embedded(
+    *, port: int | None = None, timeout: float = 15.0, log_path: Path | None = None
+) -> Broker:
     """Start the embedded Tansu broker on 127.0.0.1 (memory-only storage).
 
     Raises:
@@ -104,10 +104,23 @@ def start_embedded(*, port: int | None = None, timeout: float = 15.0,
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/", "--cluster-id", f"backout-{port}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+                "--cluster-id",
+                f"backout-{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     except OSError as exc:
         raise BrokerUnavailable(f"cannot run the embedded broker {binary!r}: {exc}") from exc
     finally:
@@ -125,7 +138,7 @@ def start_embedded(*, port: int | None = None, timeout: float = 15.0,
 def docker_engine_answers(timeout: float = 2.0) -> bool:
     """True when a Docker engine answers a ping (the client alone is not enough)."""
     try:
-        import docker
+        import docker  # type: ignore[import-untyped]
     except ImportError:
         return False
     try:
@@ -162,7 +175,8 @@ def record_running(settings: Settings, broker: Broker) -> None:
     """Remember a foreground broker's address so other commands find it."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     _state_path(settings).write_text(
-        json.dumps({"bootstrap": broker.bootstrap, "pid": broker.pid or os.getpid()}))
+        json.dumps({"bootstrap": broker.bootstrap, "pid": broker.pid or os.getpid()})
+    )
 
 
 def forget_running(settings: Settings) -> None:
@@ -196,11 +210,12 @@ def resolve_bootstrap(settings: Settings) -> str:
             return str(state["bootstrap"])
     raise BrokerUnavailable(
         "no broker: set BACKOUT_BOOTSTRAP=host:port, or start one with `backout broker` "
-        "or `backout up` in another terminal")
+        "or `backout up` in another terminal"
+    )
 
 
 def kafka_config(
-    settings: Settings, bootstrap: str, **overrides: str | int | bool
+    settings: Settings, bootstrap: str, **overrides: Any
 ) -> dict[str, Any]:
     """librdkafka configuration: bootstrap, the settings' pass-through options, overrides."""
     return {"bootstrap.servers": bootstrap, **settings.kafka, **overrides}

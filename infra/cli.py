@@ -28,9 +28,7 @@ app = typer.Typer(
 )
 
 # Modules that add commands to `app`; each defines `register(app: typer.Typer) -> None`.
-COMMAND_MODULES: tuple[str, ...] = (
-    "backout.infra.commands_core",
-)
+COMMAND_MODULES: tuple[str, ...] = ("backout.infra.commands_core",)
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)

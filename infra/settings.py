@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     """Configuration for producers, processors, projections, rollback and the CLI."""
 
     model_config = SettingsConfigDict(
-        env_prefix="BACKOUT_", env_nested_delimiter="__", extra="forbid", frozen=True)
+        env_prefix="BACKOUT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
 
     bootstrap: str | None = None
     """Kafka bootstrap servers. Unset: the embedded broker started by ``backout broker``

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from backout.infra.broker import kafka_config
 from backout.infra.settings import Settings
@@ -50,8 +51,13 @@ class EnsureResult:
     created: bool
 
 
-def ensure_topics(settings: Settings, bootstrap: str, *, timeout: float = 15.0,
-                  extra: list[TopicSpec] | None = None) -> list[EnsureResult]:
+def ensure_topics(
+    settings: Settings,
+    bootstrap: str,
+    *,
+    timeout: float = 15.0,
+    extra: list[TopicSpec] | None = None,
+) -> list[EnsureResult]:
     """Create missing topics; existing ones are left alone. Safe to run again.
 
     Raises:
@@ -64,9 +70,18 @@ def ensure_topics(settings: Settings, bootstrap: str, *, timeout: float = 15.0,
     created: set[str] = set()
     if missing:
         futures = admin.create_topics(
-            [NewTopic(settings.topic(s.name), s.partitions, settings.replication_factor,
-                      config=s.config()) for s in missing],
-            operation_timeout=timeout, request_timeout=timeout)
+            [
+                NewTopic(
+                    settings.topic(s.name),
+                    s.partitions,
+                    settings.replication_factor,
+                    config=s.config(),
+                )
+                for s in missing
+            ],
+            operation_timeout=timeout,
+            request_timeout=timeout,
+        )
         for name, future in futures.items():
             try:
                 future.result(timeout=timeout)
@@ -75,7 +90,13 @@ def ensure_topics(settings: Settings, bootstrap: str, *, timeout: float = 15.0,
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise ConfigError(f"cannot create topic {name!r}: {exc}") from exc
     topics = admin.list_topics(timeout=timeout).topics
-    return [EnsureResult(settings.topic(s.name),
-                         len(topics[settings.topic(s.name)].partitions)
-                         if settings.topic(s.name) in topics else 0,
-                         settings.topic(s.name) in created) for s in specs]
+    return [
+        EnsureResult(
+            settings.topic(s.name),
+            len(topics[settings.topic(s.name)].partitions)
+            if settings.topic(s.name) in topics
+            else 0,
+            settings.topic(s.name) in created,
+        )
+        for s in specs
+    ]

@@ -48,20 +48,33 @@ class KafkaEventSink:
         config: extra librdkafka options for this producer.
     """
 
-    def __init__(self, settings: Settings, bootstrap: str, *,
-                 background: bool = False, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        *,
+        background: bool = False,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self._timeout = settings.publish_timeout_s
         self._background = background
         timeout_ms = int(self._timeout * 1000)
-        self._producer = Producer(kafka_config(
-            settings, bootstrap,
-            **{"enable.idempotence": True, "acks": "all",
-               "linger.ms": 5 if background else 0,
-               "message.timeout.ms": 0 if background else timeout_ms,
-               "socket.timeout.ms": max(timeout_ms, 10),
-               "queue.buffering.max.messages": settings.background_queue_size,
-               "statistics.interval.ms": 0,
-               **(config or {})}))
+        self._producer = Producer(
+            kafka_config(
+                settings,
+                bootstrap,
+                **{
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5 if background else 0,
+                    "message.timeout.ms": 0 if background else timeout_ms,
+                    "socket.timeout.ms": max(timeout_ms, 10),
+                    "queue.buffering.max.messages": settings.background_queue_size,
+                    "statistics.interval.ms": 0,
+                    **(config or {}),
+                },
+            )
+        )
         self._failed: list[str] = []
         self._failed_lock = threading.Lock()
         self._closed = False
@@ -71,8 +84,15 @@ class KafkaEventSink:
             with self._failed_lock:
                 self._failed.append(f"{msg.topic()}: {err.str()}")
 
-    def publish(self, topic: str, key: bytes | None, value: bytes, *,
-                headers: Headers | None = None, confirm: bool | None = None) -> Published:
+    def publish(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        *,
+        headers: Headers | None = None,
+        confirm: bool | None = None,
+    ) -> Published:
         confirm = (not self._background) if confirm is None else confirm
         if self._closed:
             raise PublishError("the event sink is closed", retryable=False)
@@ -80,14 +100,16 @@ class KafkaEventSink:
         callback = delivery if delivery is not None else self._background_report
         while True:
             try:
-                self._producer.produce(topic, value, key, headers=headers, on_delivery=callback)
+                self._producer.produce(
+                    topic, value, key, headers=list(headers or []), on_delivery=callback)
                 break
             except BufferError:
                 self._producer.poll(0.01)  # a full queue blocks the caller, never drops
             except KafkaException as exc:
                 err = exc.args[0]
-                raise PublishError(f"cannot publish to {topic!r}: {err.str()}",
-                                   retryable=err.retriable()) from exc
+                raise PublishError(
+                    f"cannot publish to {topic!r}: {err.str()}", retryable=err.retriable()
+                ) from exc
         if delivery is None:
             self._producer.poll(0)
             return Published(topic, key, value, list(headers or []))
@@ -97,15 +119,18 @@ class KafkaEventSink:
             if remaining <= 0:
                 raise PublishError(
                     f"no acknowledgement from the broker for {topic!r} in {self._timeout}s",
-                    retryable=True)
+                    retryable=True,
+                )
             self._producer.flush(min(remaining, 0.5))
         if delivery.error is not None:
             error = delivery.error
             raise PublishError(
                 f"broker refused or never acknowledged the record for {topic!r}: {error.str()}",
-                retryable=error.retriable()) from KafkaException(error)
-        return Published(topic, key, value, list(headers or []), delivery.partition,
-                         delivery.offset)
+                retryable=error.retriable(),
+            ) from KafkaException(error)
+        return Published(
+            topic, key, value, list(headers or []), delivery.partition, delivery.offset
+        )
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every queued record; PublishError if some are still undelivered."""
@@ -116,7 +141,8 @@ class KafkaEventSink:
             detail = f"; first failure: {failed[0]}" if failed else ""
             raise PublishError(
                 f"{remaining} record(s) still undelivered and {len(failed)} failed{detail}",
-                retryable=True)
+                retryable=True,
+            )
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, then refuse further records."""

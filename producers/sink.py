@@ -30,8 +30,15 @@ class EventSink(Protocol):
     for every queued record. Failures raise ``PublishError``.
     """
 
-    def publish(self, topic: str, key: bytes | None, value: bytes, *,
-                headers: Headers | None = None, confirm: bool = True) -> Published: ...
+    def publish(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        *,
+        headers: Headers | None = None,
+        confirm: bool = True,
+    ) -> Published: ...
 
     def flush(self, timeout: float | None = None) -> None: ...
 
@@ -46,8 +53,15 @@ class InMemoryEventSink:
         self._lock = threading.Lock()
         self.closed = False
 
-    def publish(self, topic: str, key: bytes | None, value: bytes, *,
-                headers: Headers | None = None, confirm: bool = True) -> Published:
+    def publish(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        *,
+        headers: Headers | None = None,
+        confirm: bool = True,
+    ) -> Published:
         with self._lock:
             offset = sum(1 for r in self.records if r.topic == topic)
             record = Published(topic, key, value, list(headers or []), 0, offset)

@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 from pydantic import JsonValue
 from sqlalchemy import Column, MetaData, Table, and_, delete, insert, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.exc import IntegrityError, NoSuchTableError, OperationalError
 
 from backout.schemas.errors import BackoutError, ConfigError
@@ -87,9 +88,16 @@ class SqlTableTarget:
         fields: columns captured in images; defaults to every column but key and version.
     """
 
-    def __init__(self, engine: Engine, table: str, *, key: str = "id",
-                 version: str | None = None, system: str | None = None,
-                 fields: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        table: str,
+        *,
+        key: str = "id",
+        version: str | None = None,
+        system: str | None = None,
+        fields: list[str] | None = None,
+    ) -> None:
         self.engine = engine
         self.table_name = table
         self.key = key
@@ -115,8 +123,11 @@ class SqlTableTarget:
                 raise ConfigError(f"no table {self.table_name!r} in {self.engine.url!r}") from exc
             except OperationalError as exc:
                 raise TargetUnavailable(f"{self._system}: {exc.orig}") from exc
-            for name in [self.key, *([self.version] if self.version else []),
-                         *(self._fields or [])]:
+            for name in [
+                self.key,
+                *([self.version] if self.version else []),
+                *(self._fields or []),
+            ]:
                 if name not in self._table.c:
                     raise ConfigError(f"table {self.table_name!r} has no column {name!r}")
         return self._table
@@ -155,7 +166,7 @@ class SqlTableTarget:
         except OperationalError as exc:
             raise TargetUnavailable(f"{self._system}: {exc.orig}") from exc
 
-    def _guard(self, object_id: str, expected: JsonMap) -> object:
+    def _guard(self, object_id: str, expected: JsonMap) -> ColumnElement[bool]:
         clauses = [self.table.c[self.key] == self._key_value(object_id)]
         for name, value in expected.items():
             column = self.table.c[name]
@@ -176,7 +187,8 @@ class SqlTableTarget:
                 if self.version:
                     values[self.version] = self.table.c[self.version] + 1
                 result = conn.execute(
-                    update(self.table).where(self._guard(object_id, expected)).values(values))
+                    update(self.table).where(self._guard(object_id, expected)).values(values)
+                )
                 if result.rowcount != 1:
                     return CasResult(CasOutcome.CONFLICT, live)
                 return CasResult(CasOutcome.APPLIED, self._image(self._read_row(conn, object_id)))
@@ -220,7 +232,8 @@ class SqlTableTarget:
             for name in values:
                 if name not in self.table.c or name in (self.key, self.version):
                     raise ConfigError(
-                        f"{self._system}: {name!r} is not a field of table {self.table_name!r}")
+                        f"{self._system}: {name!r} is not a field of table {self.table_name!r}"
+                    )
 
 
 def _json(value: object) -> JsonValue:
@@ -228,5 +241,5 @@ def _json(value: object) -> JsonValue:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list | dict):
-        return value  # type: ignore[return-value]
+        return value
     return str(value)

@@ -44,9 +44,22 @@ from backout.schemas.events import (
 )
 
 __all__ = [
-    "RECORD_TYPES", "SINGLE_OBJECT_MAGIC", "WriterSchema", "crc64_avro", "current_schema",
-    "decode", "decode_body", "encode", "encode_body", "from_avro_json", "from_datum",
-    "record_name", "schema_catalog", "to_avro_json", "to_datum", "to_parsing_canonical_form",
+    "RECORD_TYPES",
+    "SINGLE_OBJECT_MAGIC",
+    "WriterSchema",
+    "crc64_avro",
+    "current_schema",
+    "decode",
+    "decode_body",
+    "encode",
+    "encode_body",
+    "from_avro_json",
+    "from_datum",
+    "record_name",
+    "schema_catalog",
+    "to_avro_json",
+    "to_datum",
+    "to_parsing_canonical_form",
     "writer_schema",
 ]
 
@@ -102,7 +115,7 @@ def _load_avsc(name: str) -> dict[str, Any]:
 
 
 def writer_schema(raw: dict[str, Any], record_type: type[BaseModel], current: bool) -> WriterSchema:
-    parsed = parse_schema(raw, _write_hint=True, _force=True)
+    parsed = cast(dict[str, Any], parse_schema(raw, _write_hint=True, _force=True))
     canonical = to_parsing_canonical_form(raw)
     fp = crc64_avro(canonical.encode("utf-8")).to_bytes(8, "little")
     return WriterSchema(record_type, parsed, canonical, fp, current)
@@ -161,16 +174,21 @@ def _map_in(values: dict[str, object]) -> dict[str, JsonValue]:
 def _image_out(image: RecordImage | None) -> dict[str, object] | None:
     if image is None:
         return None
-    return {"exists": image.exists, "fields": _map_out(image.fields),
-            "version": to_avro_json(image.version)}
+    return {
+        "exists": image.exists,
+        "fields": _map_out(image.fields),
+        "version": to_avro_json(image.version),
+    }
 
 
 def _image_in(datum: dict[str, Any] | None) -> RecordImage | None:
     if datum is None:
         return None
     return RecordImage.model_construct(
-        exists=datum["exists"], fields=_map_in(datum["fields"]),
-        version=from_avro_json(datum["version"]))
+        exists=datum["exists"],
+        fields=_map_in(datum["fields"]),
+        version=from_avro_json(datum["version"]),
+    )
 
 
 def _action_out(event: ActionEvent) -> dict[str, object]:
@@ -186,8 +204,10 @@ def _action_out(event: ActionEvent) -> dict[str, object]:
     if event.error is not None:
         datum["error"] = event.error.__dict__
     if event.compensation is not None:
-        datum["compensation"] = {**event.compensation.__dict__,
-                                 "args": _map_out(event.compensation.args)}
+        datum["compensation"] = {
+            **event.compensation.__dict__,
+            "args": _map_out(event.compensation.args),
+        }
     return datum
 
 
@@ -241,9 +261,15 @@ def _signal_in(d: dict[str, Any]) -> Signal:
 
 
 _TO_DATUM: dict[type[BaseModel], Callable[[Any], dict[str, object]]] = {
-    ActionEvent: _action_out, ControlCommand: _control_out, Signal: _signal_out}
+    ActionEvent: _action_out,
+    ControlCommand: _control_out,
+    Signal: _signal_out,
+}
 _FROM_DATUM: dict[type[BaseModel], Callable[[dict[str, Any]], BaseModel]] = {
-    ActionEvent: _action_in, ControlCommand: _control_in, Signal: _signal_in}
+    ActionEvent: _action_in,
+    ControlCommand: _control_in,
+    Signal: _signal_in,
+}
 
 
 def to_datum(record: BaseModel) -> dict[str, object]:
@@ -274,10 +300,12 @@ def decode_body(body: bytes, writer: WriterSchema, *, raw: bytes | None = None) 
     reader = None if writer.is_current else current_schema(writer.record_type).parsed
     try:
         datum = schemaless_reader(BytesIO(body), writer.parsed, reader)
-        return from_datum(writer.record_type, cast(dict[str, Any], datum))
+        return _FROM_DATUM[writer.record_type](cast(dict[str, Any], datum))
     except Exception as exc:  # fastavro raises many types on corrupt input
-        raise DecodeError(f"corrupt {writer.record_type.__name__} body: {exc!r}",
-                          raw=raw if raw is not None else body) from exc
+        raise DecodeError(
+            f"corrupt {writer.record_type.__name__} body: {exc!r}",
+            raw=raw if raw is not None else body,
+        ) from exc
 
 
 # --- single-object encoding -----------------------------------------------------------
@@ -308,7 +336,8 @@ def decode(raw: bytes, expected: type[RecordT] | None = None) -> Any:
         raise DecodeError(f"unknown schema fingerprint {raw[2:_HEADER_LEN].hex()}", raw=raw)
     if expected is not None and writer.record_type is not expected:
         raise DecodeError(
-            f"expected {expected.__name__}, got {writer.record_type.__name__}", raw=raw)
+            f"expected {expected.__name__}, got {writer.record_type.__name__}", raw=raw
+        )
     return decode_body(raw[_HEADER_LEN:], writer, raw=raw)
 
 

@@ -58,7 +58,8 @@ class RegistryCodec:
             current = codec.current_schema(record_type)
             try:
                 schema_id = self._client.register_schema(
-                    codec.record_name(record_type), Schema(current.canonical, "AVRO"))
+                    codec.record_name(record_type), Schema(current.canonical, "AVRO")
+                )
             except Exception as exc:
                 raise SchemaError(f"cannot register {record_type.__name__!r}: {exc}") from exc
             self._writers[schema_id] = current
@@ -79,7 +80,8 @@ class RegistryCodec:
                 known = {s.canonical: s for s in codec.schema_catalog().values()}
                 canonical = codec.to_parsing_canonical_form(json.loads(schema_str or "{}"))
                 writer = known.get(canonical) or codec.writer_schema(
-                    json.loads(schema_str or "{}"), record_type, False)
+                    json.loads(schema_str or "{}"), record_type, False
+                )
                 self._writers[schema_id] = writer
                 return writer
         raise DecodeError(f"schema id {schema_id} is not a backout record ({name!r})", raw=raw)
@@ -90,12 +92,14 @@ class RegistryCodec:
     def decode(self, raw: bytes, expected: type[RecordT] | None = None) -> Any:
         raw = bytes(raw)
         if len(raw) < 5 or raw[:1] != _MAGIC:
-            raise DecodeError("not Confluent Schema Registry framing (missing 0x00 header)",
-                              raw=raw)
+            raise DecodeError(
+                "not Confluent Schema Registry framing (missing 0x00 header)", raw=raw
+            )
         writer = self._writer(int.from_bytes(raw[1:5], "big"), raw)
         if expected is not None and writer.record_type is not expected:
             raise DecodeError(
-                f"expected {expected.__name__}, got {writer.record_type.__name__}", raw=raw)
+                f"expected {expected.__name__}, got {writer.record_type.__name__}", raw=raw
+            )
         return codec.decode_body(raw[5:], writer, raw=raw)
 
 

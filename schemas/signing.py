@@ -36,14 +36,17 @@ class SigningKey:
     def public_b64(self) -> str:
         """The public key, raw 32 bytes in base64, as ``trusted_keys`` holds it."""
         raw = self.private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
         return base64.b64encode(raw).decode()
 
     def private_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM, with the key id in a comment line."""
         pem = self.private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         return f"# backout key id: {self.key_id}\n".encode() + pem
 
 
@@ -56,7 +59,8 @@ def new_signing_key() -> SigningKey:
     """A fresh Ed25519 key pair."""
     private = Ed25519PrivateKey.generate()
     raw = private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     return SigningKey(key_id_for(base64.b64encode(raw).decode()), private)
 
 
@@ -78,18 +82,24 @@ def load_signing_key(path: Path) -> SigningKey:
     if not isinstance(private, Ed25519PrivateKey):
         raise ConfigError(f"{str(path)!r} is not an Ed25519 key")
     raw = private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     return SigningKey(key_id_for(base64.b64encode(raw).decode()), private)
 
 
 def signed_bytes(command: ControlCommand) -> bytes:
     """The canonical bytes a signature covers."""
-    canonical = command.model_copy(update={
-        "signature": None,
-        "scope": dict(sorted(command.scope.items())),
-        "approved_args": (dict(sorted(command.approved_args.items()))
-                          if command.approved_args is not None else None),
-    })
+    canonical = command.model_copy(
+        update={
+            "signature": None,
+            "scope": dict(sorted(command.scope.items())),
+            "approved_args": (
+                dict(sorted(command.approved_args.items()))
+                if command.approved_args is not None
+                else None
+            ),
+        }
+    )
     return encode_body(canonical)
 
 
@@ -110,10 +120,12 @@ def verify(command: ControlCommand, trusted_keys: dict[str, str]) -> None:
     public_b64 = trusted_keys.get(command.key_id)
     if public_b64 is None:
         raise SignatureInvalid(
-            f"command {command.command_id!r} is signed by untrusted key {command.key_id!r}")
+            f"command {command.command_id!r} is signed by untrusted key {command.key_id!r}"
+        )
     try:
         public = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_b64))
         public.verify(command.signature, signed_bytes(command))
     except (InvalidSignature, ValueError) as exc:
         raise SignatureInvalid(
-            f"command {command.command_id!r} has a forged or corrupted signature") from exc
+            f"command {command.command_id!r} has a forged or corrupted signature"
+        ) from exc
