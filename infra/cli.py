@@ -10,13 +10,17 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
 from backout.infra.clikit import one_line
 from backout.schemas.errors import BackoutError
+
+try:  # typer >= 0.20 ships its own copy of click; older versions raise click's exceptions
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _click_exceptions
 
 app = typer.Typer(
     name="backout",
@@ -28,28 +32,35 @@ app = typer.Typer(
 )
 
 # Modules that add commands to `app`; each defines `register(app: typer.Typer) -> None`.
-COMMAND_MODULES: tuple[str, ...] = ("backout.infra.commands_core",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "backout.infra.commands_core",
+    "backout.infra.demo",
+)
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup=False: messages quote user input, which may contain [brackets].
+_err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``backout`` console script; returns the exit code."""
     try:
         app(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return int(done.exit_code or 0)
-    except click.exceptions.Abort:
+    except typer.Abort:
         _err.print("backout: aborted")
         return 1
-    except click.UsageError as exc:
+    except _click_exceptions.UsageError as exc:
+        if isinstance(exc, getattr(_click_exceptions, "NoArgsIsHelpError", ())):
+            _err.print(exc.format_message())  # a group called bare: its help, no prefix
+            return 1
         command = exc.ctx.command_path if exc.ctx is not None else "backout"
         _err.print(f"{command}: {exc.format_message()}")
         return 1
-    except click.ClickException as exc:
+    except _click_exceptions.ClickException as exc:
         _err.print(f"backout: {exc.format_message()}")
         return 1
     except BackoutError as exc:

@@ -10,13 +10,15 @@ from typing import Any
 
 import typer
 from pydantic import BaseModel, ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.table import Table
 
 from backout.infra.settings import Settings
 from backout.schemas.errors import ConfigError
 
-console = Console(highlight=False, soft_wrap=False)
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 180)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
@@ -40,6 +42,9 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(f"bad BACKOUT_* setting: {one_line(exc)}") from exc
+    except SettingsError as exc:  # a value that does not even parse (e.g. BACKOUT_KAFKA not JSON)
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        raise ConfigError(f"bad BACKOUT_* setting: {exc}{cause}") from exc
 
 
 def to_jsonable(value: Any) -> Any:
