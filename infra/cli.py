@@ -20,7 +20,7 @@ from backout.schemas.errors import BackoutError
 try:  # typer >= 0.20 ships its own copy of click; older versions raise click's exceptions
     from typer._click import exceptions as _click_exceptions
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as _click_exceptions
+    from click import exceptions as _click_exceptions  # type: ignore[no-redef]
 
 app = typer.Typer(
     name="backout",
@@ -35,6 +35,9 @@ app = typer.Typer(
 COMMAND_MODULES: tuple[str, ...] = (
     "backout.infra.commands_core",
     "backout.infra.demo",
+    "backout.infra.commands_containment",
+    "backout.infra.commands_operators",
+    "backout.infra.commands_rollback",
 )
 
 for _module in COMMAND_MODULES:
@@ -47,7 +50,11 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``backout`` console script; returns the exit code."""
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        app(
+            args=list(argv) if argv is not None else None,
+            prog_name="backout",  # not argv[0]: `python -m ...` or a test runner
+            standalone_mode=False,
+        )
     except typer.Exit as done:
         return int(done.exit_code or 0)
     except typer.Abort:

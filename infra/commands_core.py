@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from rich.markup import escape
 
 from backout.infra.broker import (
     forget_running,
@@ -48,21 +49,26 @@ def broker(
     Example: backout broker --port 9092
     """
     settings = load_settings()
-    running = start_embedded(port=port or None)
-    ensure_topics(settings, running.bootstrap)
-    record_running(settings, running)
-    console.print(f"embedded broker listening on {running.bootstrap} (pid {running.pid})")
-    console.print(f"export BACKOUT_BOOTSTRAP={running.bootstrap}")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Installed before the broker starts, so a SIGTERM at any moment still stops it.
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while not stop.is_set() and running._handle.poll() is None:
-            stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
+        running = start_embedded(port=port or None)
+        try:
+            ensure_topics(settings, running.bootstrap)
+            record_running(settings, running)
+            console.print(f"embedded broker listening on {running.bootstrap} (pid {running.pid})")
+            console.print(f"export BACKOUT_BOOTSTRAP={running.bootstrap}")
+            while not stop.is_set() and running._handle.poll() is None:
+                stop.wait(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            # Also when provisioning fails: never leave the broker process behind.
+            forget_running(settings)
+            running.stop()
     finally:
-        forget_running(settings)
-        running.stop()
+        signal.signal(signal.SIGTERM, previous)
     console.print("embedded broker stopped")
 
 
@@ -103,6 +109,11 @@ def _change(event: ActionEvent) -> str:
 
 
 def _row(position: str, record: Any) -> list[str]:
+    # Records carry agent-supplied text: escape it so rich does not read it as markup.
+    return [escape(cell) for cell in _cells(position, record)]
+
+
+def _cells(position: str, record: Any) -> list[str]:
     if isinstance(record, ActionEvent):
         target = record.target.key if record.target else ""
         return [
@@ -153,7 +164,9 @@ def _start_positions(
         )
         out = []
         for tp in found:
-            high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition))[1]
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, tp.partition), timeout=10
+            )
             out.append(TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else high))
         return out
     out = []
@@ -187,8 +200,11 @@ def tail_records(
         ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in starts}
         pending = {tp.partition for tp in starts if tp.offset < ends[tp.partition]}
         consumer.assign(starts)
-        while follow or pending:
-            batch = consumer.consume(num_messages=500, timeout=idle_timeout)
+        while True:
+            # Past the end offsets, drain until a poll comes back empty: a broker's high
+            # watermark can lag the last batch (the embedded Tansu reports a batch's base).
+            wait = idle_timeout if follow or pending else min(idle_timeout, 0.2)
+            batch = consumer.consume(num_messages=500, timeout=wait)
             if not batch and not follow:
                 break
             for msg in batch:
@@ -256,7 +272,9 @@ def tail(
             console.print(" | ".join(_TAIL_COLUMNS), style="bold")
             for position, record in records:
                 if isinstance(record, DecodeError):
-                    console.print(f"{position} undecodable record: {record.reason}", style="red")
+                    console.print(
+                        escape(f"{position} undecodable record: {record.reason}"), style="red"
+                    )
                 else:
                     console.print(" | ".join(_row(position, record)))
             return
@@ -266,10 +284,12 @@ def tail(
                 bad.append(
                     f"{position} undecodable record ({len(record.raw)} bytes): {record.reason}"
                 )
-                rows.append([position, "", "", "", "UNDECODABLE", "", "", record.reason])
+                rows.append([position, "", "", "", "UNDECODABLE", "", "", escape(record.reason)])
             else:
                 rows.append(_row(position, record))
         console.print(table(settings.topic(topic), _TAIL_COLUMNS, rows))
+        for line in bad:
+            console.print(escape(line), style="red")
         console.print(f"{len(rows)} record(s), {len(bad)} undecodable")
     except KafkaException as exc:
         raise ConfigError(f"cannot read {settings.topic(topic)!r}: {exc.args[0].str()}") from exc

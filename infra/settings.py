@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     """A guard that has not heard from the control topic for this long fails closed."""
     fail_open: bool = False
     """When the control topic is stale: False refuses mutating calls, True lets them run."""
+    control_max_age_s: float = Field(default=86_400.0, gt=0)
+    """A control command appended longer than this after it was issued is expired (ignored,
+    and a Signal is raised): signed commands are published when they are made."""
     trusted_keys: dict[str, str] = Field(default_factory=dict)
     """Key id to base64 Ed25519 public key: who may sign control commands."""
     signing_key_file: Path | None = None

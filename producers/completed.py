@@ -6,6 +6,7 @@ survives the loss of the agent's machine.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -55,6 +56,7 @@ class KafkaCompletedCalls:
     Args:
         lookback: how far back a resumed run may have started; bounds the scan with
             offsets-for-times so resuming does not read the whole history.
+        quiet_s: how long the scan waits for records it expects before giving up.
     """
 
     def __init__(
@@ -64,9 +66,11 @@ class KafkaCompletedCalls:
         codec: Codec,
         *,
         lookback: timedelta = timedelta(days=7),
+        quiet_s: float = 5.0,
     ) -> None:
         self._settings, self._bootstrap, self._codec = settings, bootstrap, codec
         self._lookback = lookback
+        self._quiet_s = quiet_s
 
     def load(self, run_id: str) -> dict[str, ActionEvent]:
         topic = self._settings.topic("actions")
@@ -100,8 +104,19 @@ class KafkaCompletedCalls:
             events: list[ActionEvent] = []
             if assign:
                 consumer.assign(assign)
-            while ends:
-                for msg in consumer.consume(num_messages=1000, timeout=1.0):
+            quiet_since = time.monotonic()
+            while assign:
+                batch = consumer.consume(num_messages=1000, timeout=1.0 if ends else 0.2)
+                if not batch:
+                    # End offsets alone cannot end the scan: a high watermark can lag the last
+                    # batch (the embedded Tansu reports a batch's base offset), and transaction
+                    # markers at a partition's end are never consumed. Stop when every end was
+                    # passed and a poll is empty, or when the log stays silent.
+                    if not ends or time.monotonic() - quiet_since > self._quiet_s:
+                        break
+                    continue
+                quiet_since = time.monotonic()
+                for msg in batch:
                     if msg.error():
                         continue
                     if offset_of(msg) + 1 >= ends.get(partition_of(msg), 0):

@@ -43,11 +43,14 @@ from backout.schemas.events import (
     RecordImage,
     Reversibility,
     TargetRef,
+    trusted_constructor,
 )
 from backout.schemas.registry import Codec, make_codec
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+_new_event = trusted_constructor(ActionEvent)
 
 IN_DOUBT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
@@ -131,7 +134,13 @@ class RunContext:
 
     def __enter__(self) -> RunContext:
         self._token = _current_run.set(self)
-        self.journal._lifecycle(self, EventKind.RUN_STARTED, CallStatus.SUCCEEDED)
+        try:
+            self.journal._lifecycle(self, EventKind.RUN_STARTED, CallStatus.SUCCEEDED)
+        except BaseException:
+            # __exit__ will not run: do not leave this run current for later calls.
+            _current_run.reset(self._token)
+            self._token = None
+            raise
         return self
 
     def __exit__(
@@ -140,6 +149,11 @@ class RunContext:
         try:
             status = CallStatus.SUCCEEDED if exc is None else CallStatus.FAILED
             self.journal._lifecycle(self, EventKind.RUN_FINISHED, status, error=exc)
+        except PublishError as lost:
+            if exc is None:
+                raise
+            # Keep the caller's exception: it may say a tool's side effect already happened.
+            exc.add_note(f"backout: the run_finished event could not be journaled either: {lost}")
         finally:
             if self._token is not None:
                 _current_run.reset(self._token)
@@ -181,6 +195,7 @@ class _Call:
     object_id: str | None = None
     approved_args: JsonMap | None = None
     before: RecordImage | None = None
+    value: float | None = None
 
 
 class Journal:
@@ -222,7 +237,10 @@ class Journal:
     def from_settings(cls, settings: Settings | None = None) -> Journal:
         """A Journal on the broker the settings name (``BACKOUT_*`` environment by default)."""
         from backout.infra.broker import resolve_bootstrap
+        from backout.producers.approval import ApprovalGate as KafkaApprovalGate
+        from backout.producers.approval import KafkaRequestLookup
         from backout.producers.completed import KafkaCompletedCalls
+        from backout.producers.guard import ControlGuard
         from backout.producers.kafka import KafkaEventSink
 
         settings = settings or Settings()
@@ -230,7 +248,21 @@ class Journal:
         sink = KafkaEventSink(settings, bootstrap, background=settings.delivery == "background")
         codec = make_codec(settings.schema_registry_url)
         completed = KafkaCompletedCalls(settings, bootstrap, codec)
-        return cls(settings, sink=sink, codec=codec, completed_calls=completed, owns=(sink,))
+        # The guard rebuilds the freeze view from the control topic before the first call;
+        # agents never report invalid commands (one reporter per cluster does).
+        guard = ControlGuard(settings, bootstrap, codec=codec).start()
+        approvals = KafkaApprovalGate(
+            settings, guard, lookup=KafkaRequestLookup(settings, bootstrap, codec)
+        )
+        return cls(
+            settings,
+            sink=sink,
+            codec=codec,
+            guard=guard,
+            completed_calls=completed,
+            approvals=approvals,
+            owns=(sink, guard),
+        )
 
     @property
     def completed_calls(self) -> CompletedCalls:
@@ -423,6 +455,10 @@ class Journal:
         )
         if spec.object_id is not None:
             call.object_id = str(spec.object_id(**bound))
+        if spec.value is not None:
+            # From the arguments, before the side effect: a bad extractor fails the call
+            # while nothing has happened, instead of losing the event afterwards.
+            call.value = float(spec.value(**bound))
         return call
 
     def _recorded(self, call: _Call) -> ActionEvent | None:
@@ -575,8 +611,14 @@ class Journal:
             if spec.system is not None and call.object_id is not None
             else None
         )
-        value = float(spec.value(**call.args)) if spec.value is not None else None
-        return ActionEvent(
+        labels = dict(note.labels) if note else {}
+        compensation = None
+        if status is not CallStatus.BLOCKED:
+            compensation, problem = self._compensation(call, result)
+            if problem is not None:
+                labels["compensation_error"] = problem
+        # Built from values this module already typed: skip re-validation (hot path).
+        return _new_event(
             event_id=new_event_id(),
             occurred_at=call.occurred_at,
             run_id=run.run_id,
@@ -600,34 +642,45 @@ class Journal:
             job_id=job_id,
             result=result,
             error=error,
-            compensation=self._compensation(call, result)
-            if status is not CallStatus.BLOCKED
-            else None,
+            compensation=compensation,
             origin=run.origin,
             correlation_id=note.correlation_id if note else None,
-            value=value,
+            value=call.value,
             confidence=note.confidence if note else None,
             reasoning_summary=note.reasoning if note else None,
             blocked_by=blocked_by,
-            labels=dict(note.labels) if note else {},
+            labels=labels,
         )
 
-    def _compensation(self, call: _Call, result: JsonValue) -> Compensation | None:
+    def _compensation(
+        self, call: _Call, result: JsonValue
+    ) -> tuple[Compensation | None, str | None]:
+        """The call's compensation, and why its args builder failed (if it did)."""
         spec = call.spec
         if spec.compensation is not None:
             comp = spec.compensation
-            args = comp.args(**call.args, result=result)
+            allowed_until = call.occurred_at + comp.window
+            try:
+                args = json_args(comp.args(**call.args, result=result))
+            except Exception as exc:
+                # The side effect already happened: journal the call anyway (its undo
+                # becomes a manual task) rather than lose the event or the tool's own error.
+                problem = f"{type(exc).__name__}: {exc}"[:500]
+                manual = Compensation(
+                    strategy="manual", tool=comp.tool, allowed_until=allowed_until
+                )
+                return manual, problem
             return Compensation(
                 strategy="compensating_tool",
                 tool=comp.tool,
-                args=json_args(args),
-                allowed_until=call.occurred_at + comp.window,
-            )
+                args=args,
+                allowed_until=allowed_until,
+            ), None
         if spec.reversibility is Reversibility.REVERSIBLE:
-            return Compensation(strategy="restore_fields")
+            return Compensation(strategy="restore_fields"), None
         if spec.reversibility is Reversibility.IRREVERSIBLE:
-            return Compensation(strategy="manual")
-        return None
+            return Compensation(strategy="manual"), None
+        return None, None
 
     def _fact(
         self,

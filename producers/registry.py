@@ -8,6 +8,7 @@ whose argument builder does not fit the tool's parameters all raise ``ConfigErro
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,18 +62,55 @@ class ToolSpec:
         """True unless the tool is read-only."""
         return self.reversibility is not Reversibility.READ_ONLY
 
+    @functools.cached_property
+    def _signature(self) -> tuple[inspect.Signature, str | None]:
+        # Computed once: inspect.signature costs more than the rest of a journaled call.
+        signature = inspect.signature(self.fn)
+        var_keyword = next(
+            (
+                name
+                for name, param in signature.parameters.items()
+                if param.kind is inspect.Parameter.VAR_KEYWORD
+            ),
+            None,
+        )
+        return signature, var_keyword
+
+    @functools.cached_property
+    def _simple_parameters(self) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+        """Names and defaults when every parameter is plain positional-or-keyword."""
+        params = inspect.signature(self.fn).parameters.values()
+        if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+            return None
+        return (tuple(p.name for p in params),
+                {p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+
     def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments by parameter name (defaults applied).
 
         Raises:
             TypeError: the arguments do not fit the tool's signature (as a direct call would).
         """
-        bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        simple = self._simple_parameters
+        if simple is not None and len(args) <= len(simple[0]):
+            names, defaults = simple
+            out = dict(zip(names, args, strict=False))
+            for name, value in kwargs.items():
+                if name in out or name not in names:
+                    break  # a duplicate or unknown argument: let inspect raise its TypeError
+                out[name] = value
+            else:
+                if len(out) == len(names):
+                    return out
+                missing = [n for n in names if n not in out]
+                if all(n in defaults for n in missing):
+                    return {**out, **{n: defaults[n] for n in missing}}
+        signature, var_keyword = self._signature
+        bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         out = dict(bound.arguments)
-        for name, param in inspect.signature(self.fn).parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD and name in out:
-                out.update(out.pop(name))
+        if var_keyword is not None and var_keyword in out:
+            out.update(out.pop(var_keyword))
         return out
 
 

@@ -16,7 +16,9 @@ import json
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
+
+from backout.schemas.events import trusted_constructor
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DOUBLE = struct.Struct("<d")
@@ -120,28 +122,6 @@ def _datetime(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
-def _trusted_constructor(cls: type[Any]) -> Callable[..., Any]:
-    """Build instances of a pydantic model from already-validated field values.
-
-    Decoded values come from our own schema, so validation is skipped as
-    ``model_construct`` does; setting the instance state directly avoids its per-call
-    overhead, which dominates decoding small records.
-    """
-    new = object.__new__
-    setattr_ = object.__setattr__
-    if not hasattr(cls, "__pydantic_fields__"):
-        return cast(Callable[..., Any], cls)
-
-    def construct(**fields: Any) -> Any:
-        instance = new(cls)
-        setattr_(instance, "__dict__", fields)
-        setattr_(instance, "__pydantic_fields_set__", set(fields))
-        setattr_(instance, "__pydantic_extra__", None)
-        setattr_(instance, "__pydantic_private__", None)
-        return instance
-    return construct
-
-
 class Binding:
     """How records and enums of a schema map to Python classes.
 
@@ -214,7 +194,9 @@ class _Gen:
         if kind == "boolean":
             self.emit(ind, f"out.append(1 if {expr} else 0)")
         elif kind in ("int", "long"):
-            self.emit(ind, f"write_long({expr}, out)")
+            x = self.var("x")
+            self.emit(ind, f"{x} = {expr}")
+            self.write_size(x, ind, signed=True)
         elif kind == "timestamp":
             v = self.var("t")
             self.emit(ind, f"{v} = {expr}")
@@ -227,7 +209,7 @@ class _Gen:
             d = self.var("d")
             enc = ".encode('utf-8')" if kind == "string" else ""
             self.emit(ind, f"{d} = {expr}{enc}")
-            self.emit(ind, f"write_long(len({d}), out)")
+            self.write_size(f"len({d})", ind)
             self.emit(ind, f"out += {d}")
         elif kind == "enum":
             table = self.var("ENUM")
@@ -248,7 +230,7 @@ class _Gen:
             self.emit(ind + 1, f"write_long(len({m}), out)")
             self.emit(ind + 1, f"for {k}, {val} in {m}.items():")
             self.emit(ind + 2, f"{d} = {k}.encode('utf-8')")
-            self.emit(ind + 2, f"write_long(len({d}), out)")
+            self.write_size(f"len({d})", ind + 2)
             self.emit(ind + 2, f"out += {d}")
             self.write(schema["values"], val, ind + 2)
             self.emit(ind, "out.append(0)")
@@ -261,6 +243,15 @@ class _Gen:
                 self.write(field["type"], f"{r}.{field['name']}", ind)
         else:
             raise AvroFastError(f"unsupported schema type {kind!r}")
+
+    def write_size(self, expr: str, ind: int, *, signed: bool = False) -> None:
+        """Write a long, inlining the one-byte case (0 <= n < 64)."""
+        n = self.var("n")
+        self.emit(ind, f"{n} = {expr}")
+        self.emit(ind, f"if {'0 <= ' if signed else ''}{n} < 64:")
+        self.emit(ind + 1, f"out.append({n} << 1)")
+        self.emit(ind, "else:")
+        self.emit(ind + 1, f"write_long({n}, out)")
 
     def write_union(self, branches: list[Any], expr: str, ind: int) -> None:
         resolved = [self.resolve(b) for b in branches]
@@ -340,7 +331,7 @@ class _Gen:
                 self.read(field["type"], local, ind)
                 names.append(f"{field['name']}={local}")
             ctor = self.var("CLS")
-            self.env[ctor] = _trusted_constructor(cls) if cls is not None else dict
+            self.env[ctor] = trusted_constructor(cls) if cls is not None else dict
             self.emit(ind, f"{target} = {ctor}({', '.join(names)})")
         else:
             raise AvroFastError(f"unsupported schema type {kind!r}")

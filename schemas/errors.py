@@ -3,6 +3,7 @@
 ```
 BackoutError
 ├── ConfigError            a usage mistake by the developer (bad declaration, bad setting)
+│   └── PolicyError        a containment policy file is unreadable or invalid (file, line, path)
 ├── SchemaError
 │   └── DecodeError        bytes that are not a record we can read; keeps the raw bytes
 ├── PublishError           an event could not be published (retryable says if a retry may help)
@@ -26,6 +27,25 @@ class BackoutError(Exception):
 
 class ConfigError(BackoutError):
     """A usage mistake by the developer: a bad declaration, setting or argument."""
+
+
+class PolicyError(ConfigError):
+    """A containment policy file is unreadable or invalid.
+
+    Attributes:
+        file: the policy file (or the name given to the text).
+        line: the 1-based line of the first problem, when known.
+        path: the dotted field path of the first problem, when known.
+        problems: every problem found, one readable line each.
+    """
+
+    def __init__(self, message: str, *, file: str, line: int | None = None,
+                 path: str | None = None, problems: list[str] | None = None) -> None:
+        self.file = file
+        self.line = line
+        self.path = path
+        self.problems = problems if problems is not None else [message]
+        super().__init__(message)
 
 
 class SchemaError(BackoutError):

@@ -30,66 +30,124 @@ from backout.schemas.events import (
     TargetRef,
 )
 
-json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-                | st.floats(allow_nan=False) | st.text(max_size=80))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=80)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=10)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
 json_maps = st.dictionaries(st.text(max_size=12), json_values, max_size=6)
 texts = st.text(max_size=40)
 optional_texts = st.none() | texts
-times = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1),
-                     timezones=st.just(UTC))
+times = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+)
 images = st.builds(RecordImage, exists=st.booleans(), fields=json_maps, version=json_values)
 
 action_events = st.builds(
     ActionEvent,
-    event_id=texts, occurred_at=times, kind=st.sampled_from(EventKind), run_id=texts,
-    parent_run_id=optional_texts, agent_id=texts, identity=texts, tenant=optional_texts,
-    environment=texts, workflow=optional_texts, step_id=texts, parent_step_id=optional_texts,
-    tool=texts, requested_args=json_maps, approved_args=st.none() | json_maps,
+    event_id=texts,
+    occurred_at=times,
+    kind=st.sampled_from(EventKind),
+    run_id=texts,
+    parent_run_id=optional_texts,
+    agent_id=texts,
+    identity=texts,
+    tenant=optional_texts,
+    environment=texts,
+    workflow=optional_texts,
+    step_id=texts,
+    parent_step_id=optional_texts,
+    tool=texts,
+    requested_args=json_maps,
+    approved_args=st.none() | json_maps,
     target=st.none() | st.builds(TargetRef, system=texts, object_id=texts),
-    reversibility=st.sampled_from(Reversibility), before=st.none() | images,
-    after=st.none() | images, idempotency_key=texts, status=st.sampled_from(CallStatus),
-    job_id=optional_texts, result=json_values,
-    error=st.none() | st.builds(ErrorInfo, type=texts, message=texts,
-                                retryable=st.none() | st.booleans()),
-    compensation=st.none() | st.builds(Compensation, strategy=texts, tool=optional_texts,
-                                       args=json_maps, allowed_until=st.none() | times),
-    origin=st.sampled_from(Origin), compensates=optional_texts, correlation_id=optional_texts,
-    value=st.none() | st.floats(allow_nan=False), confidence=st.none() | st.floats(0, 1),
-    reasoning_summary=optional_texts, blocked_by=optional_texts,
-    labels=st.dictionaries(texts, texts, max_size=3))
+    reversibility=st.sampled_from(Reversibility),
+    before=st.none() | images,
+    after=st.none() | images,
+    idempotency_key=texts,
+    status=st.sampled_from(CallStatus),
+    job_id=optional_texts,
+    result=json_values,
+    error=st.none()
+    | st.builds(ErrorInfo, type=texts, message=texts, retryable=st.none() | st.booleans()),
+    compensation=st.none()
+    | st.builds(
+        Compensation,
+        strategy=texts,
+        tool=optional_texts,
+        args=json_maps,
+        allowed_until=st.none() | times,
+    ),
+    origin=st.sampled_from(Origin),
+    compensates=optional_texts,
+    correlation_id=optional_texts,
+    value=st.none() | st.floats(allow_nan=False),
+    confidence=st.none() | st.floats(0, 1),
+    reasoning_summary=optional_texts,
+    blocked_by=optional_texts,
+    labels=st.dictionaries(texts, texts, max_size=3),
+)
 
 control_commands = st.builds(
-    ControlCommand, command_id=texts, issued_at=times, action=st.sampled_from(ControlAction),
-    scope=st.dictionaries(texts, texts, max_size=4), mode=st.sampled_from(FreezeMode),
-    expires_at=st.none() | times, reason=texts, issuer=texts, cause=optional_texts,
-    refers_to=optional_texts, approved_args=st.none() | json_maps, key_id=optional_texts,
-    signature=st.none() | st.binary(max_size=64))
+    ControlCommand,
+    command_id=texts,
+    issued_at=times,
+    action=st.sampled_from(ControlAction),
+    scope=st.dictionaries(texts, texts, max_size=4),
+    mode=st.sampled_from(FreezeMode),
+    expires_at=st.none() | times,
+    reason=texts,
+    issuer=texts,
+    cause=optional_texts,
+    refers_to=optional_texts,
+    approved_args=st.none() | json_maps,
+    key_id=optional_texts,
+    signature=st.none() | st.binary(max_size=64),
+)
 
 signals = st.builds(
-    Signal, signal_id=texts, detected_at=times, detector=texts,
-    severity=st.sampled_from(Severity), scope=st.dictionaries(texts, texts, max_size=3),
-    summary=texts, evidence=st.lists(st.builds(
-        Evidence, event_id=texts, topic=optional_texts,
-        partition=st.none() | st.integers(0, 2**31 - 1),
-        offset=st.none() | st.integers(0, 2**63 - 1)), max_size=3),
-    details=st.dictionaries(texts, texts, max_size=3))
+    Signal,
+    signal_id=texts,
+    detected_at=times,
+    detector=texts,
+    severity=st.sampled_from(Severity),
+    scope=st.dictionaries(texts, texts, max_size=3),
+    summary=texts,
+    evidence=st.lists(
+        st.builds(
+            Evidence,
+            event_id=texts,
+            topic=optional_texts,
+            partition=st.none() | st.integers(0, 2**31 - 1),
+            offset=st.none() | st.integers(0, 2**63 - 1),
+        ),
+        max_size=3,
+    ),
+    details=st.dictionaries(texts, texts, max_size=3),
+)
 
 
 def _fastavro_bytes(record: ActionEvent | ControlCommand | Signal) -> bytes:
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, codec.current_schema(type(record)).parsed,
-                               codec.to_datum(record))
+    fastavro.schemaless_writer(
+        buf, codec.current_schema(type(record)).parsed, codec.to_datum(record)
+    )
     return buf.getvalue()
 
 
 def _fastavro_read(record_type: type, body: bytes) -> object:
-    datum = fastavro.schemaless_reader(io.BytesIO(body),
-                                       codec.current_schema(record_type).parsed, None)
+    datum = fastavro.schemaless_reader(
+        io.BytesIO(body), codec.current_schema(record_type).parsed, None
+    )
     return codec.from_datum(record_type, datum)  # type: ignore[type-var]
 
 
@@ -116,10 +174,17 @@ def test_long_out_of_range_is_refused() -> None:
 
 def test_trailing_and_truncated_bodies_are_refused() -> None:
     event = ActionEvent(
-        event_id="e1", occurred_at=datetime.now(UTC) - timedelta(seconds=1), run_id="r",
-        agent_id="a", identity="i", step_id="r:1", tool="t",
-        reversibility=Reversibility.READ_ONLY, idempotency_key="r:1",
-        status=CallStatus.SUCCEEDED)
+        event_id="e1",
+        occurred_at=datetime.now(UTC) - timedelta(seconds=1),
+        run_id="r",
+        agent_id="a",
+        identity="i",
+        step_id="r:1",
+        tool="t",
+        reversibility=Reversibility.READ_ONLY,
+        idempotency_key="r:1",
+        status=CallStatus.SUCCEEDED,
+    )
     body = codec.encode_body(event)
     compiled = codec.compiled(ActionEvent)
     with pytest.raises(AvroFastError):
