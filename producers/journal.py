@@ -503,6 +503,8 @@ class Journal:
                 f"tool {call.spec.name!r} requires approval but this Journal has no approval gate"
             )
         call.approved_args = self.approvals.decide(self, call)
+        # The wait may have been long: a freeze that arrived meanwhile still refuses the call.
+        self._check_guard(call)
 
     def _capture(self, call: _Call) -> RecordImage | None:
         target = call.spec.target

@@ -20,8 +20,8 @@ from typing import Protocol, runtime_checkable
 from pydantic import JsonValue
 from sqlalchemy import Column, MetaData, Table, and_, delete, insert, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.exc import IntegrityError, NoSuchTableError, OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 
 from backout.schemas.errors import BackoutError, ConfigError
 from backout.schemas.events import JsonMap, RecordImage
