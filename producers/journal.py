@@ -198,12 +198,43 @@ class _Call:
     value: float | None = None
 
 
+@dataclass(frozen=True)
+class _Connected:
+    sink: EventSink
+    codec: Codec
+    guard: CallGuard
+    completed_calls: CompletedCalls
+    approvals: ApprovalGate
+    owns: tuple[Any, ...]
+
+
+def _connect(settings: Settings, codec: Codec) -> _Connected:
+    """The Kafka-backed parts of a Journal, from settings."""
+    from backout.infra.broker import resolve_bootstrap
+    from backout.producers.approval import ApprovalGate as KafkaApprovalGate
+    from backout.producers.approval import KafkaRequestLookup
+    from backout.producers.completed import KafkaCompletedCalls
+    from backout.producers.guard import ControlGuard
+    from backout.producers.kafka import KafkaEventSink
+
+    bootstrap = resolve_bootstrap(settings)
+    sink = KafkaEventSink(settings, bootstrap, background=settings.delivery == "background")
+    completed = KafkaCompletedCalls(settings, bootstrap, codec)
+    # The guard rebuilds the freeze view from the control topic before the first call;
+    # agents never report invalid commands (one reporter per cluster does).
+    guard = ControlGuard(settings, bootstrap, codec=codec).start()
+    approvals = KafkaApprovalGate(
+        settings, guard, lookup=KafkaRequestLookup(settings, bootstrap, codec))
+    return _Connected(sink, codec, guard, completed, approvals, (sink, guard))
+
+
 class Journal:
     """Journals tool calls as ActionEvents on the actions topic.
 
     Args:
         settings: topics, delivery mode, environment.
-        sink: where encoded events go (a KafkaEventSink from ``from_settings``).
+        sink: where encoded events go; omitted, everything is connected from settings
+            (KafkaEventSink, ControlGuard, resume from the log, approval gate).
         codec: record encoding; from settings when omitted.
         guard: checked before every call (a ControlGuard from ``from_settings``).
         completed_calls: finds a resumed run's finished calls on the log.
@@ -214,13 +245,21 @@ class Journal:
         self,
         settings: Settings,
         *,
-        sink: EventSink,
+        sink: EventSink | None = None,
         codec: Codec | None = None,
         guard: CallGuard | None = None,
         completed_calls: CompletedCalls | None = None,
         approvals: ApprovalGate | None = None,
         owns: tuple[Any, ...] = (),
     ) -> None:
+        if sink is None:
+            # Connect everything from settings; explicit parts (tests, fakes) are used as given.
+            connected = _connect(settings, codec or make_codec(settings.schema_registry_url))
+            sink, codec = connected.sink, connected.codec
+            guard = guard if guard is not None else connected.guard
+            completed_calls = completed_calls or connected.completed_calls
+            approvals = approvals or connected.approvals
+            owns = (*owns, *connected.owns)
         self.settings = settings
         self.sink = sink
         self.codec = codec or make_codec(settings.schema_registry_url)
@@ -235,34 +274,13 @@ class Journal:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Journal:
-        """A Journal on the broker the settings name (``BACKOUT_*`` environment by default)."""
-        from backout.infra.broker import resolve_bootstrap
-        from backout.producers.approval import ApprovalGate as KafkaApprovalGate
-        from backout.producers.approval import KafkaRequestLookup
-        from backout.producers.completed import KafkaCompletedCalls
-        from backout.producers.guard import ControlGuard
-        from backout.producers.kafka import KafkaEventSink
+        """A Journal on the broker the settings name (``BACKOUT_*`` environment by default).
 
-        settings = settings or Settings()
-        bootstrap = resolve_bootstrap(settings)
-        sink = KafkaEventSink(settings, bootstrap, background=settings.delivery == "background")
-        codec = make_codec(settings.schema_registry_url)
-        completed = KafkaCompletedCalls(settings, bootstrap, codec)
-        # The guard rebuilds the freeze view from the control topic before the first call;
-        # agents never report invalid commands (one reporter per cluster does).
-        guard = ControlGuard(settings, bootstrap, codec=codec).start()
-        approvals = KafkaApprovalGate(
-            settings, guard, lookup=KafkaRequestLookup(settings, bootstrap, codec)
-        )
-        return cls(
-            settings,
-            sink=sink,
-            codec=codec,
-            guard=guard,
-            completed_calls=completed,
-            approvals=approvals,
-            owns=(sink, guard),
-        )
+        It publishes with a KafkaEventSink, checks every call against a ControlGuard built
+        from the control topic, resumes runs from the actions topic and waits for approvals.
+        ``Journal(settings)`` is the same.
+        """
+        return cls(settings or Settings())
 
     @property
     def completed_calls(self) -> CompletedCalls:
