@@ -12,7 +12,6 @@ import json
 import threading
 from typing import Any, Protocol, TypeVar
 
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from pydantic import BaseModel
 
 from backout.schemas import codec
@@ -45,6 +44,9 @@ class RegistryCodec:
     """Confluent Schema Registry framing over the same Avro bodies."""
 
     def __init__(self, url: str, *, config: dict[str, str] | None = None) -> None:
+        # Imported here: the registry client is heavy and most deployments do not use it.
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
         self._client = SchemaRegistryClient.new_client({"url": url, **(config or {})})
         self._ids: dict[type[BaseModel], bytes] = {}
         self._writers: dict[int, codec.WriterSchema] = {}
@@ -58,7 +60,7 @@ class RegistryCodec:
             current = codec.current_schema(record_type)
             try:
                 schema_id = self._client.register_schema(
-                    codec.record_name(record_type), Schema(current.canonical, "AVRO")
+                    codec.record_name(record_type), _avro_schema(current.canonical)
                 )
             except Exception as exc:
                 raise SchemaError(f"cannot register {record_type.__name__!r}: {exc}") from exc
@@ -101,6 +103,12 @@ class RegistryCodec:
                 f"expected {expected.__name__}, got {writer.record_type.__name__}", raw=raw
             )
         return codec.decode_body(raw[5:], writer, raw=raw)
+
+
+def _avro_schema(text: str) -> Any:
+    from confluent_kafka.schema_registry import Schema
+
+    return Schema(text, "AVRO")
 
 
 def make_codec(schema_registry_url: str | None) -> Codec:
