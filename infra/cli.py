@@ -38,6 +38,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "backout.infra.commands_containment",
     "backout.infra.commands_operators",
     "backout.infra.commands_rollback",
+    "backout.infra.commands_harden",
+    "backout.infra.commands_detection",
 )
 
 for _module in COMMAND_MODULES:

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     """Where the embedded broker's address and operator state files live."""
     metrics_port: int | None = None
     """Port for Prometheus metrics of processors and projector; unset disables them."""
+    policy_file: Path | None = None
+    """Containment policy of the processors (YAML); unset: the packaged default policy."""
 
     @field_validator("kafka")
     @classmethod

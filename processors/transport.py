@@ -1,0 +1,233 @@
+"""Faust plumbing tuned for throughput and latency. [adapter]
+
+Stock faust-streaming 0.15 with aiokafka has three costs that dominate a detector
+worker; each is changed here, and nothing else:
+
+1. Its consumer asks the broker to hold a fetch up to 1.5 s (``fetch_max_wait_ms`` is
+   hard-coded). Brokers that do not answer a long poll early when data arrives (Tansu,
+   the embedded broker) then add up to 1.5 s to every record's latency.
+   :class:`TunedConsumerThread` sets the wait from :class:`Tuning`.
+2. Its fetch loop hands each record to the streams through ``Service.wait_first``,
+   which creates four asyncio tasks per record, and waits up to 1 s for a fetch that
+   the stream buffers' back-pressure has starved. :class:`TunedConsumer` hands over a
+   whole fetch under one ``wait_first`` (a rebalance still interrupts it) and polls
+   with a short timeout.
+3. Tables send a changelog record per assignment, to the partition of the event being
+   processed, which does not exist inside ``take()`` batches; and the future of that
+   send is dropped, so a worker cannot wait for its state to be durable before its
+   offsets are committed. :class:`StateTable` takes the partition explicitly and returns
+   the futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import faust
+from faust.sensors import Monitor
+from faust.tables.table import Table
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs of the tuned transport and of the processors' batching."""
+
+    fetch_wait_ms: int = 10
+    """How long the broker may hold a fetch that has no data yet."""
+    poll_timeout_s: float = 0.05
+    """How long one fetch loop iteration waits for records before re-checking flow."""
+    max_poll_records: int = 2000
+    """Records per fetch; the stream buffer holds four fetches."""
+    linger_ms: int = 5
+    """How long the producer waits to batch records (adds to latency, saves CPU)."""
+    session_timeout_s: float = 6.0
+    heartbeat_s: float = 0.5
+    commit_interval_s: float = 1.0
+    route_batch: int = 2000
+    route_within_s: float = 0.01
+    detect_batch: int = 64
+    """Routed batches (each up to ``route_batch`` records) taken at once."""
+    detect_within_s: float = 0.005
+    envelope_bytes: int = 512 * 1024
+    """Routed batches are split so no message exceeds this."""
+    checkpoint_s: float = 0.5
+    """How often changed detector states are stored and processed records acknowledged."""
+    settle_records: int = 20_000
+    """Records waiting for acknowledgement that trigger an early checkpoint."""
+
+
+class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """The aiokafka consumer thread with a configurable fetch wait."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # aiokafka reads this when the consumer starts; faust hard-codes 1500 ms.
+        consumer._fetch_max_wait_ms = tuning_of(self.consumer.app).fetch_wait_ms
+        return consumer
+
+
+class TunedConsumer(faust_aiokafka.Consumer):
+    """The faust consumer with a fetch loop that hands over whole fetches."""
+
+    def _new_consumer_thread(self) -> TunedConsumerThread:
+        return TunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - I/O loop
+        import os
+        if os.environ.get("STOCK_DRAIN"):
+            return await super()._drain_messages(fetcher)
+        poll_timeout = tuning_of(self.app).poll_timeout_s
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                await self.sleep(0)
+                if not self.should_stop:
+                    res = await self.wait_first(self._deliver(self.getmany(timeout=poll_timeout)),
+                                          self.suspend_flow.wait())
+                    import logging as _l
+                    if self.suspend_flow.is_set() or res.stopped:
+                        _l.getLogger("backout.processors").info("DEBUG drain interrupted winners=%s stopped=%s", [getattr(w, "__qualname__", str(w))[:40] for w in res.winners], res.stopped)
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _deliver(self, fetched: AsyncIterator[tuple[TP, Message]]
+                       ) -> None:  # pragma: no cover - I/O loop
+        """What faust's ``_drain_messages`` does per record, for one fetch."""
+        callback = self.callback
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        since_yield = 0
+        async with contextlib.aclosing(fetched):  # type: ignore[type-var]
+            async for tp, message in fetched:
+                since_yield += 1
+                if since_yield > 100:
+                    await asyncio.sleep(0)
+                    since_yield = 0
+                offset = message.offset
+                r_offset = get_read_offset(tp)
+                last = self.__dict__.setdefault("_dbg_last", {}).get(tp)
+                if last is not None and offset != last + 1 and "actions" in tp.topic:
+                    import logging as _l
+                    _l.getLogger("backout.processors").info("DEBUG gap %s: %s -> %s (read_offset %s)", tp, last, offset, r_offset)
+                self._dbg_last[tp] = offset
+                if r_offset is None or offset >= r_offset:
+                    gap = offset - (r_offset or 0)
+                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    if self._commit_every is not None and self._n_acked >= self._commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    await callback(message)
+                    set_read_offset(tp, offset)
+
+
+class TunedTransport(faust_aiokafka.Transport):
+    """The aiokafka transport with :class:`TunedConsumer`."""
+
+    Consumer: ClassVar[type[Any]] = TunedConsumer
+
+
+class RawSchema(faust.Schema):  # type: ignore[misc]
+    """Keys and values as the bytes on the wire, without faust's codec lookups."""
+
+    def __init__(self) -> None:
+        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw")
+
+    def compile(self, app: Any, *, on_key_decode_error: Any = None,
+                on_value_decode_error: Any = None, default_propagate: bool = False) -> Any:
+        create_event = app.create_event
+
+        async def decode(message: Message, *, propagate: bool = default_propagate) -> Any:
+            return create_event(message.key, message.value, message.headers, message)
+
+        return decode
+
+
+class LeanMonitor(Monitor):  # type: ignore[misc]
+    """Faust's monitor without its per-record bookkeeping (kept for the web UI only)."""
+
+    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
+        return None
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: Any, event: Any) -> None:
+        return None
+
+    def on_stream_event_out(self, tp: TP, offset: int, stream: Any, event: Any,
+                            state: Any = None) -> None:
+        return None
+
+    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
+        return None
+
+    def on_send_initiated(self, producer: Any, topic: str, message: Any, keysize: int,
+                          valsize: int) -> Any:
+        return None
+
+    def on_send_completed(self, producer: Any, state: Any, metadata: Any) -> None:
+        return None
+
+
+class TunedApp(faust.App):
+    """A faust App on :class:`TunedTransport`, carrying its :class:`Tuning`."""
+
+    tuning: Tuning = Tuning()
+
+    def _new_transport(self) -> Any:
+        return TunedTransport(self.conf.broker_consumer, self)
+
+
+def tuning_of(app: Any) -> Tuning:
+    """The tuning of ``app`` (defaults for a plain faust App)."""
+    found = getattr(app, "tuning", None)
+    return found if isinstance(found, Tuning) else Tuning()
+
+
+class StateTable(Table):  # type: ignore[misc]
+    """A raw ``bytes -> bytes`` table written with explicit partitions.
+
+    :meth:`put` and :meth:`drop` return the changelog send futures, so the caller can
+    wait until its state is durable before the offsets of the records that produced it
+    are committed.
+    """
+
+    def partition_for_key(self, key: Any) -> int | None:
+        raise TypeError("write StateTable with put()/drop() and an explicit partition")
+
+    def read(self, key: bytes) -> bytes | None:
+        """The value stored under ``key``, or None."""
+        value = self.data.get(key)
+        return value if isinstance(value, bytes) else None
+
+    def put(self, key: bytes, value: bytes, partition: int) -> Any:
+        """Store ``value`` and send it to changelog ``partition``; returns the future."""
+        future = self.send_changelog(partition, key, value)
+        self.data[key] = value
+        return future
+
+    def drop(self, key: bytes, partition: int) -> Any | None:
+        """Delete ``key`` (a tombstone on the changelog); None when it was absent."""
+        if key not in self.data:
+            return None
+        future = self.send_changelog(partition, key, None, value_serializer="raw")
+        del self.data[key]
+        return future

@@ -1,0 +1,718 @@
+"""The projection fold: what the log says about records, runs and rollbacks. Pure: no I/O.
+
+``evolve(state, event) -> state`` defines the projection; ``fold(events, state)`` is the
+same for many events (one copy of the maps instead of one per event). The SQL store runs
+the very same per-aggregate steps (``advance_record``, ``advance_run``, ``links_of``,
+``advance_step``, ``advance_task``) over the rows a batch touches, so the tables and this
+fold cannot disagree. Rollback planning reads a :class:`Projection`.
+
+A record is seen as *cells*: one per field plus :data:`EXISTS` (does the record exist).
+Every event that changed a record contributes one :class:`FieldWrite` per changed cell,
+in the record's own order (``seq``). When an event's before-image disagrees with what the
+log last said, someone changed the record without being journaled: that difference is
+recorded as an unjournaled write (``journaled=False``) just before the event's own writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Final, TypeAlias
+
+from pydantic import JsonValue
+
+from backout.schemas.events import (
+    ActionEvent,
+    CallStatus,
+    Compensation,
+    EventKind,
+    Origin,
+    RecordImage,
+    Reversibility,
+)
+
+__all__ = [
+    "ABSENT",
+    "EMPTY",
+    "EXISTS",
+    "LABEL_CAS",
+    "LABEL_CHECKPOINT",
+    "LABEL_DETAIL",
+    "LABEL_FREEZE",
+    "LABEL_OUTCOME",
+    "LABEL_PLAN",
+    "LABEL_REASON",
+    "LABEL_RUN",
+    "LABEL_STEP",
+    "LABEL_TASK",
+    "LABEL_TASK_STATUS",
+    "LABEL_TOOL",
+    "LABEL_UNDOES",
+    "Absent",
+    "CellValue",
+    "Checkpoint",
+    "CompensationLink",
+    "EventInfo",
+    "FieldWrite",
+    "Projection",
+    "RecordChange",
+    "RecordHistory",
+    "RecordState",
+    "RunState",
+    "RunStatus",
+    "StepState",
+    "Task",
+    "advance_record",
+    "advance_run",
+    "advance_step",
+    "advance_task",
+    "changes_record",
+    "checkpoint_of",
+    "evolve",
+    "fold",
+    "links_of",
+    "same",
+    "task_key",
+    "undone_ids",
+]
+
+EXISTS: Final = "$exists"
+"""The cell that says whether the record exists (values ``True``/``False``)."""
+
+# Labels the rollback executor writes and this fold reads: the contract between them.
+LABEL_PLAN: Final = "rollback.plan"
+LABEL_STEP: Final = "rollback.step"
+LABEL_OUTCOME: Final = "rollback.outcome"
+LABEL_UNDOES: Final = "rollback.undoes"
+"""Space-separated event ids an inverse write undoes (``compensates`` holds one of them)."""
+LABEL_REASON: Final = "rollback.reason"
+LABEL_DETAIL: Final = "rollback.detail"
+LABEL_FREEZE: Final = "rollback.freeze"
+LABEL_CAS: Final = "rollback.cas"
+LABEL_RUN: Final = "rollback.run"
+"""On a step event: the run of the action the step undoes."""
+LABEL_TOOL: Final = "rollback.tool"
+"""On a step event: the tool of the action the step undoes."""
+LABEL_TASK: Final = "task"
+LABEL_TASK_STATUS: Final = "task.status"
+LABEL_CHECKPOINT: Final = "checkpoint"
+
+
+class Absent:
+    """The value of a cell of a record that does not exist (or a field it lacks)."""
+
+    __slots__ = ()
+    _instance: Absent | None = None
+
+    def __new__(cls) -> Absent:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __reduce__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = Absent()
+CellValue: TypeAlias = JsonValue | Absent
+"""A field value, or :data:`ABSENT`."""
+
+
+def same(a: CellValue, b: CellValue) -> bool:
+    """Value equality that keeps ``True`` apart from ``1`` and ABSENT apart from None."""
+    if a is ABSENT or b is ABSENT:
+        return a is b
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+# --- value types -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    """What planning needs to know about one journaled event (no images, no arguments)."""
+
+    event_id: str
+    kind: EventKind
+    occurred_at: datetime
+    run_id: str
+    agent_id: str
+    identity: str
+    tool: str
+    reversibility: Reversibility
+    status: CallStatus
+    origin: Origin = Origin.AGENT
+    parent_run_id: str | None = None
+    tenant: str | None = None
+    workflow: str | None = None
+    step_id: str = ""
+    parent_step_id: str | None = None
+    system: str | None = None
+    object_id: str | None = None
+    compensation: Compensation | None = None
+    compensates: str | None = None
+    undoes: tuple[str, ...] = ()
+    """Every event this one undoes (``compensates`` and the ``rollback.undoes`` label)."""
+    job_id: str | None = None
+    has_after: bool = False
+    changes_record: bool = False
+    """True when the event is a call that may have changed its target record."""
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def record_key(self) -> str | None:
+        """``system/object_id`` of the target record, if any."""
+        if self.system is None or self.object_id is None:
+            return None
+        return f"{self.system}/{self.object_id}"
+
+    @property
+    def is_write(self) -> bool:
+        """Mirrors :attr:`ActionEvent.is_write`: a call that may have changed something."""
+        return (
+            self.kind is EventKind.TOOL_CALL
+            and self.reversibility is not Reversibility.READ_ONLY
+            and self.status in (CallStatus.SUCCEEDED, CallStatus.UNKNOWN, CallStatus.PENDING)
+        )
+
+    @classmethod
+    def of(cls, event: ActionEvent) -> EventInfo:
+        """The planning view of an event."""
+        target = event.target
+        return cls(
+            event_id=event.event_id,
+            kind=event.kind,
+            occurred_at=event.occurred_at,
+            run_id=event.run_id,
+            agent_id=event.agent_id,
+            identity=event.identity,
+            tool=event.tool,
+            reversibility=event.reversibility,
+            status=event.status,
+            origin=event.origin,
+            parent_run_id=event.parent_run_id,
+            tenant=event.tenant,
+            workflow=event.workflow,
+            step_id=event.step_id,
+            parent_step_id=event.parent_step_id,
+            system=target.system if target is not None else None,
+            object_id=target.object_id if target is not None else None,
+            compensation=event.compensation,
+            compensates=event.compensates,
+            undoes=undone_ids(event.compensates, event.labels),
+            job_id=event.job_id,
+            has_after=event.after is not None,
+            changes_record=changes_record(event),
+            labels=dict(event.labels),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FieldWrite:
+    """One change of one cell of a record, in the record's order."""
+
+    field: str
+    seq: int
+    """Position in the record's history (unjournaled writes sort before the observing event)."""
+    event_id: str
+    """The event that made the write, or (unjournaled) the event that revealed it."""
+    run_id: str | None
+    """None for an unjournaled write."""
+    origin: Origin | None
+    """None for an unjournaled write: someone changed the record outside backout."""
+    occurred_at: datetime
+    before: CellValue
+    after: CellValue
+    journaled: bool = True
+    before_known: bool = True
+    """False when the log never saw the value before this write (no before-image)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordState:
+    """A record as the log last saw it."""
+
+    system: str
+    object_id: str
+    exists: bool = False
+    known: bool = False
+    """False until an image of the record has been seen."""
+    fields: Mapping[str, JsonValue] = field(default_factory=dict, hash=False)
+    version: JsonValue = None
+    seq: int = 0
+    """The last ``FieldWrite.seq`` used for this record."""
+    last_event_id: str | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        """``system/object_id``."""
+        return f"{self.system}/{self.object_id}"
+
+    def value(self, cell: str) -> CellValue:
+        """The current value of one cell."""
+        if cell == EXISTS:
+            return self.exists
+        if not self.exists:
+            return ABSENT
+        return self.fields.get(cell, ABSENT)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordChange:
+    """What one event did to one record."""
+
+    state: RecordState
+    writes: tuple[FieldWrite, ...]
+    opaque: bool
+    """True when the event may have changed the record but has no after-image."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHistory:
+    """One record: its current state and every cell write, oldest first."""
+
+    state: RecordState
+    writes: tuple[FieldWrite, ...] = ()
+    opaque: tuple[str, ...] = ()
+    """Events that may have changed the record without an after-image (in doubt)."""
+
+    def cells(self) -> dict[str, list[FieldWrite]]:
+        """Writes by cell, oldest first."""
+        out: dict[str, list[FieldWrite]] = {}
+        for write in self.writes:
+            out.setdefault(write.field, []).append(write)
+        return out
+
+
+class RunStatus(StrEnum):
+    """A run's lifecycle as the log knows it."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A named point in a run (``journal.checkpoint(name)``)."""
+
+    run_id: str
+    name: str
+    event_id: str
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """One run: where it belongs and how far it got."""
+
+    run_id: str
+    agent_id: str
+    identity: str
+    parent_run_id: str | None = None
+    tenant: str | None = None
+    workflow: str | None = None
+    environment: str = "production"
+    status: RunStatus = RunStatus.RUNNING
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    last_event_at: datetime | None = None
+    calls: int = 0
+    writes: int = 0
+    checkpoints: tuple[Checkpoint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationLink:
+    """An event (``inverse``) that undid another (``undone``)."""
+
+    undone_event_id: str
+    inverse_event_id: str
+    origin: Origin
+    occurred_at: datetime
+    plan_id: str | None = None
+    step_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepState:
+    """A rollback step as its started/finished events record it."""
+
+    step_id: str
+    plan_id: str
+    status: str
+    """``started`` or ``finished``."""
+    outcome: str | None = None
+    record_key: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Manual work a rollback could not do itself (an irreversible or expired action)."""
+
+    task_id: str
+    plan_id: str
+    status: str
+    """``open`` or ``done``."""
+    event_id: str | None
+    """The action that needs manual undoing."""
+    system: str | None
+    object_id: str | None
+    run_id: str | None
+    tool: str
+    reason: str
+    created_at: datetime
+    closed_at: datetime | None = None
+    freeze: str = ""
+    """The freeze command id protecting the target, or why there is none."""
+
+
+# --- per-aggregate steps (shared with the SQL store) -----------------------------------------
+def undone_ids(compensates: str | None, labels: Mapping[str, str]) -> tuple[str, ...]:
+    """Event ids an event undoes: ``compensates`` plus the ``rollback.undoes`` label."""
+    if compensates is None:
+        return ()
+    ids = [compensates, *labels.get(LABEL_UNDOES, "").split()]
+    return tuple(dict.fromkeys(ids))
+
+
+def changes_record(event: ActionEvent) -> bool:
+    """True for a tool call on a target that may have changed it.
+
+    Succeeded, in-doubt and pending calls count; so does a failed call whose after-image
+    differs from its before-image (it failed half-way).
+    """
+    if event.kind is not EventKind.TOOL_CALL or event.target is None:
+        return False
+    if event.reversibility is Reversibility.READ_ONLY or event.status is CallStatus.BLOCKED:
+        return False
+    if event.status is CallStatus.FAILED:
+        return event.before is not None and event.after is not None and event.before != event.after
+    return True
+
+
+def _image_value(image: RecordImage, cell: str) -> CellValue:
+    if cell == EXISTS:
+        return image.exists
+    if not image.exists:
+        return ABSENT
+    return image.fields.get(cell, ABSENT)
+
+
+def _drift(prior: RecordState, before: RecordImage) -> list[tuple[str, CellValue, CellValue]]:
+    """Cells whose before-image differs from what the log last said: unjournaled writes."""
+    if not prior.known:
+        return []
+    if prior.exists != before.exists:
+        names = sorted(prior.fields) if prior.exists else sorted(before.fields)
+        return [(EXISTS, prior.exists, before.exists)] + [
+            (n, prior.value(n), _image_value(before, n)) for n in names
+        ]
+    if not before.exists:
+        return []
+    return [
+        (n, prior.fields[n], v)
+        for n, v in sorted(before.fields.items())
+        if n in prior.fields and not same(prior.fields[n], v)
+    ]
+
+
+def advance_record(state: RecordState | None, event: ActionEvent) -> RecordChange:
+    """Apply one record-changing event (see :func:`changes_record`) to its target record."""
+    target = event.target
+    if target is None:
+        raise ValueError(f"event {event.event_id!r} has no target")
+    prior = state or RecordState(target.system, target.object_id)
+    seq, at, writes = prior.seq, event.occurred_at, []
+    before, after = event.before, event.after
+    drift = _drift(prior, before) if before is not None else []
+    if drift:
+        seq += 1
+        writes += [
+            FieldWrite(cell, seq, event.event_id, None, None, at, was, now, journaled=False)
+            for cell, was, now in drift
+        ]
+    exists, fields = prior.exists, dict(prior.fields)
+    known = prior.known
+    if before is not None:
+        exists, known = before.exists, True
+        fields = {**fields, **before.fields} if before.exists else {}
+    if after is None:
+        new = replace(
+            prior,
+            exists=exists,
+            known=known,
+            fields=fields,
+            seq=seq,
+            last_event_id=event.event_id,
+            updated_at=at,
+        )
+        return RecordChange(new, tuple(writes), True)
+    seq += 1
+    own: list[FieldWrite] = []
+    if exists != after.exists:
+        own.append(
+            FieldWrite(
+                EXISTS, seq, event.event_id, event.run_id, event.origin, at, exists, after.exists
+            )
+        )
+    names = sorted(set(fields) | set(after.fields)) if exists or after.exists else []
+    for name in names:
+        if exists:
+            was: CellValue = fields.get(name, ABSENT)
+            was_known = name in fields or before is not None
+        else:
+            was, was_known = ABSENT, True
+        now: CellValue = after.fields.get(name, was) if after.exists else ABSENT
+        if not same(was, now):
+            own.append(
+                FieldWrite(
+                    name,
+                    seq,
+                    event.event_id,
+                    event.run_id,
+                    event.origin,
+                    at,
+                    was,
+                    now,
+                    before_known=was_known,
+                )
+            )
+    fields = {**fields, **after.fields} if after.exists else {}
+    if not own:
+        seq -= 1
+    new = RecordState(
+        target.system,
+        target.object_id,
+        after.exists,
+        True,
+        fields,
+        after.version,
+        seq,
+        event.event_id,
+        at,
+    )
+    return RecordChange(new, tuple(writes + own), False)
+
+
+def advance_run(run: RunState | None, event: ActionEvent) -> RunState:
+    """Apply one event to its run (events of a run may arrive in any order)."""
+    at = event.occurred_at
+    if run is None:
+        run = RunState(
+            event.run_id,
+            event.agent_id,
+            event.identity,
+            environment=event.environment,
+            started_at=at,
+        )
+    status, finished, points = run.status, run.finished_at, run.checkpoints
+    calls, writes = run.calls, run.writes
+    kind = event.kind
+    if kind is EventKind.TOOL_CALL:
+        calls += 1
+        writes += 1 if event.is_write or changes_record(event) else 0
+    elif kind is EventKind.RUN_FINISHED:
+        status = RunStatus.FINISHED if event.status is CallStatus.SUCCEEDED else RunStatus.FAILED
+        finished = at
+    elif kind is EventKind.CHECKPOINT:
+        point = checkpoint_of(event)
+        assert point is not None
+        points = (*points, point)
+    started = run.started_at if run.started_at is not None and run.started_at <= at else at
+    last = run.last_event_at if run.last_event_at is not None and run.last_event_at >= at else at
+    return RunState(
+        run.run_id,
+        run.agent_id,
+        run.identity,
+        run.parent_run_id or event.parent_run_id,
+        run.tenant if run.tenant is not None else event.tenant,
+        run.workflow if run.workflow is not None else event.workflow,
+        run.environment,
+        status,
+        started,
+        finished,
+        last,
+        calls,
+        writes,
+        points,
+    )
+
+
+def checkpoint_of(event: ActionEvent) -> Checkpoint | None:
+    """The checkpoint a CHECKPOINT event marks."""
+    if event.kind is not EventKind.CHECKPOINT:
+        return None
+    name = event.labels.get(LABEL_CHECKPOINT) or event.tool
+    return Checkpoint(event.run_id, name, event.event_id, event.occurred_at)
+
+
+def links_of(event: ActionEvent) -> tuple[CompensationLink, ...]:
+    """The compensation links an inverse write (``compensates`` set) creates."""
+    return tuple(
+        CompensationLink(
+            undone,
+            event.event_id,
+            event.origin,
+            event.occurred_at,
+            event.labels.get(LABEL_PLAN),
+            event.labels.get(LABEL_STEP),
+        )
+        for undone in undone_ids(event.compensates, event.labels)
+    )
+
+
+def advance_step(step: StepState | None, event: ActionEvent) -> StepState | None:
+    """Apply a rollback_step_started/finished event to its step; None for other events."""
+    step_id = event.labels.get(LABEL_STEP)
+    if step_id is None or event.kind not in (
+        EventKind.ROLLBACK_STEP_STARTED,
+        EventKind.ROLLBACK_STEP_FINISHED,
+    ):
+        return None
+    key = event.target.key if event.target is not None else None
+    plan_id = event.labels.get(LABEL_PLAN, "")
+    if event.kind is EventKind.ROLLBACK_STEP_STARTED:
+        if step is not None and step.status == "finished":
+            return step  # a late duplicate start never reopens a finished step
+        return StepState(step_id, plan_id, "started", None, key, event.occurred_at)
+    started = step.started_at if step is not None else None
+    return StepState(
+        step_id,
+        plan_id,
+        "finished",
+        event.labels.get(LABEL_OUTCOME),
+        key,
+        started,
+        event.occurred_at,
+        event.labels.get(LABEL_DETAIL, ""),
+    )
+
+
+def advance_task(task: Task | None, event: ActionEvent) -> Task | None:
+    """Open a task for a manual rollback step, or close one; None when nothing applies."""
+    labels = event.labels
+    if (
+        event.kind is EventKind.ROLLBACK_STEP_FINISHED
+        and labels.get(LABEL_OUTCOME) == "manual"
+        and LABEL_STEP in labels
+    ):
+        if task is not None:
+            return task
+        target = event.target
+        undone = labels.get(LABEL_UNDOES, "").split()
+        return Task(
+            labels[LABEL_STEP],
+            labels.get(LABEL_PLAN, ""),
+            "open",
+            undone[0] if undone else None,
+            target.system if target else None,
+            target.object_id if target else None,
+            labels.get(LABEL_RUN),
+            labels.get(LABEL_TOOL, event.tool),
+            labels.get(LABEL_REASON, ""),
+            event.occurred_at,
+            freeze=labels.get(LABEL_FREEZE, ""),
+        )
+    if task is not None and labels.get(LABEL_TASK) == task.task_id:
+        status = labels.get(LABEL_TASK_STATUS, task.status)
+        return replace(
+            task, status=status, closed_at=event.occurred_at if status == "done" else None
+        )
+    return None
+
+
+def task_key(event: ActionEvent) -> str | None:
+    """The task an event opens or closes, if any."""
+    if (
+        event.kind is EventKind.ROLLBACK_STEP_FINISHED
+        and event.labels.get(LABEL_OUTCOME) == "manual"
+    ):
+        return event.labels.get(LABEL_STEP)
+    return event.labels.get(LABEL_TASK)
+
+
+# --- the whole projection -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Projection:
+    """Everything the log says, as values. Immutable: ``evolve`` returns a new one."""
+
+    records: Mapping[str, RecordHistory] = field(default_factory=dict)
+    events: Mapping[str, EventInfo] = field(default_factory=dict)
+    runs: Mapping[str, RunState] = field(default_factory=dict)
+    links: Mapping[str, tuple[CompensationLink, ...]] = field(default_factory=dict)
+    """Inverse writes by the event they undo."""
+    steps: Mapping[str, StepState] = field(default_factory=dict)
+    tasks: Mapping[str, Task] = field(default_factory=dict)
+
+
+EMPTY: Final = Projection()
+
+
+class _Builder:
+    """Mutable copies of a projection's maps, for folding many events with one copy."""
+
+    def __init__(self, state: Projection) -> None:
+        self.records = dict(state.records)
+        self.events = dict(state.events)
+        self.runs = dict(state.runs)
+        self.links = dict(state.links)
+        self.steps = dict(state.steps)
+        self.tasks = dict(state.tasks)
+
+    def apply(self, event: ActionEvent) -> None:
+        if event.event_id in self.events:
+            return  # reprocessing an event is a no-op
+        self.events[event.event_id] = EventInfo.of(event)
+        if changes_record(event):
+            assert event.target is not None
+            key = event.target.key
+            history = self.records.get(key)
+            change = advance_record(history.state if history else None, event)
+            writes = history.writes if history else ()
+            opaque = history.opaque if history else ()
+            self.records[key] = RecordHistory(
+                change.state,
+                writes + change.writes,
+                (*opaque, event.event_id) if change.opaque else opaque,
+            )
+        self.runs[event.run_id] = advance_run(self.runs.get(event.run_id), event)
+        for link in links_of(event):
+            self.links[link.undone_event_id] = (*self.links.get(link.undone_event_id, ()), link)
+        step_id = event.labels.get(LABEL_STEP)
+        if step_id is not None:
+            step = advance_step(self.steps.get(step_id), event)
+            if step is not None:
+                self.steps[step_id] = step
+        task_id = task_key(event)
+        if task_id is not None:
+            task = advance_task(self.tasks.get(task_id), event)
+            if task is not None:
+                self.tasks[task_id] = task
+
+    def freeze(self) -> Projection:
+        return Projection(self.records, self.events, self.runs, self.links, self.steps, self.tasks)
+
+
+def evolve(state: Projection, event: ActionEvent) -> Projection:
+    """The projection after one more event. An event seen before changes nothing."""
+    if event.event_id in state.events:
+        return state
+    return fold((event,), state)
+
+
+def fold(events: Iterable[ActionEvent], state: Projection = EMPTY) -> Projection:
+    """The projection after ``events``, in order: ``fold(a + b) == fold(b, fold(a))``."""
+    builder = _Builder(state)
+    for event in events:
+        builder.apply(event)
+    return builder.freeze()

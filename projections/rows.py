@@ -1,0 +1,581 @@
+"""Rows of the projection tables <-> the fold's values. [adapter]
+
+Times are integer microseconds since the epoch (UTC); JSON values are canonical JSON
+text (with fast paths for the plain scalars most cells hold). Rows are built as tuples
+in the column orders below, for executemany.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+from pydantic import JsonValue
+
+from backout.projections import tables as t
+from backout.projections.fold import (
+    ABSENT,
+    Absent,
+    CellValue,
+    Checkpoint,
+    CompensationLink,
+    EventInfo,
+    FieldWrite,
+    RecordHistory,
+    RecordState,
+    RunState,
+    RunStatus,
+    StepState,
+    Task,
+    changes_record,
+    undone_ids,
+)
+from backout.schemas.events import (
+    ActionEvent,
+    CallStatus,
+    Compensation,
+    EventKind,
+    Origin,
+    Reversibility,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+_MICRO = timedelta(microseconds=1)
+
+
+@lru_cache(maxsize=1 << 16)
+def to_us(moment: datetime) -> int:
+    """Microseconds since the epoch (naive times are taken as UTC).
+
+    Cached: an event's time is converted for its journal row, each of its field writes
+    and its record's state.
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // _MICRO
+
+
+@lru_cache(maxsize=1 << 16)
+def from_us(value: int) -> datetime:
+    """Inverse of :func:`to_us` (an aware UTC datetime)."""
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def dump_json(value: JsonValue) -> str:
+    """Canonical JSON text (fast paths for the plain scalars most values are)."""
+    kind = type(value)
+    if kind is str:
+        text = str(value)
+        if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+            return f'"{text}"'
+    elif kind is int:
+        return str(value)
+    elif value is None:
+        return "null"
+    elif kind is bool:
+        return "true" if value else "false"
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def cell_out(value: CellValue) -> tuple[str | None, bool]:
+    return (None, False) if isinstance(value, Absent) else (dump_json(value), True)
+
+
+_LITERALS: dict[str, JsonValue] = {"true": True, "false": False, "null": None}
+
+
+def load_json(text: str) -> JsonValue:
+    """``json.loads`` with fast paths for the plain scalars most cells hold."""
+    first = text[0]
+    if first == '"' and "\\" not in text:
+        return text[1:-1]
+    if first.isdigit() or (first == "-" and text[1:].isdigit()):
+        if text.isdigit() or text[1:].isdigit():
+            return int(text)
+    elif text in _LITERALS:
+        return _LITERALS[text]
+    value: JsonValue = json.loads(text)
+    return value
+
+
+def cell_in(text: str | None, present: bool) -> CellValue:
+    if not present:
+        return ABSENT
+    return load_json(text) if text is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Positioned:
+    """An event with the bytes and the topic position it was read from."""
+
+    event: ActionEvent
+    raw: bytes
+    topic: str
+    partition: int
+    offset: int
+
+
+# --- rows <-> values ---------------------------------------------------------------------------
+JOURNAL_COLUMNS = (
+    "event_id",
+    "kind",
+    "occurred_us",
+    "run_id",
+    "parent_run_id",
+    "agent_id",
+    "identity",
+    "tenant",
+    "environment",
+    "workflow",
+    "step_id",
+    "parent_step_id",
+    "tool",
+    "system",
+    "object_id",
+    "record_key",
+    "reversibility",
+    "status",
+    "origin",
+    "compensates",
+    "undoes",
+    "compensation",
+    "labels",
+    "job_id",
+    "has_after",
+    "changes_record",
+    "topic",
+    "partition",
+    "offset",
+    "payload",
+)
+_PLAIN_COMPENSATION = {
+    s: dump_json({"strategy": s, "tool": None, "args": {}, "allowed_until": None})
+    for s in ("restore_fields", "manual")
+}
+
+
+def _compensation_json(comp: Compensation | None) -> str | None:
+    if comp is None:
+        return None
+    if comp.tool is None and not comp.args and comp.allowed_until is None:
+        plain = _PLAIN_COMPENSATION.get(comp.strategy)
+        if plain is not None:
+            return plain
+    until = to_us(comp.allowed_until) if comp.allowed_until else None
+    return dump_json(
+        {"strategy": comp.strategy, "tool": comp.tool, "args": comp.args, "allowed_until": until}
+    )
+
+
+def journal_row(item: Positioned) -> tuple[Any, ...]:
+    """One journal row, in ``JOURNAL_COLUMNS`` order."""
+    e, target = item.event, item.event.target
+    undoes = undone_ids(e.compensates, e.labels) if e.compensates else ()
+    return (
+        e.event_id,
+        e.kind.value,
+        to_us(e.occurred_at),
+        e.run_id,
+        e.parent_run_id,
+        e.agent_id,
+        e.identity,
+        e.tenant,
+        e.environment,
+        e.workflow,
+        e.step_id,
+        e.parent_step_id,
+        e.tool,
+        target.system if target else None,
+        target.object_id if target else None,
+        f"{target.system}/{target.object_id}" if target else None,
+        e.reversibility.value,
+        e.status.value,
+        e.origin.value,
+        e.compensates,
+        " ".join(undoes) if undoes else None,
+        _compensation_json(e.compensation),
+        dump_json(dict(e.labels)) if e.labels else None,
+        e.job_id,
+        e.after is not None,
+        changes_record(e),
+        item.topic,
+        item.partition,
+        item.offset,
+        item.raw,
+    )
+
+
+_INFO_NAMES = (
+    "event_id",
+    "kind",
+    "occurred_us",
+    "run_id",
+    "agent_id",
+    "identity",
+    "tool",
+    "reversibility",
+    "status",
+    "origin",
+    "parent_run_id",
+    "tenant",
+    "workflow",
+    "step_id",
+    "parent_step_id",
+    "system",
+    "object_id",
+    "compensation",
+    "compensates",
+    "undoes",
+    "job_id",
+    "has_after",
+    "changes_record",
+    "labels",
+)
+INFO_COLUMNS = tuple(t.journal.c[name] for name in _INFO_NAMES)
+"""Journal columns planning reads (never the payload), in ``InfoDecoder`` order."""
+
+
+class InfoDecoder:
+    """Journal rows to EventInfo, sharing the objects many rows have in common."""
+
+    def __init__(self) -> None:
+        self.compensations: dict[str, Compensation] = {}
+        self.kinds = {k.value: k for k in EventKind}
+        self.reversibility = {r.value: r for r in Reversibility}
+        self.statuses = {s.value: s for s in CallStatus}
+        self.origins = {o.value: o for o in Origin}
+
+    def compensation(self, text: str | None) -> Compensation | None:
+        if not text:
+            return None
+        found = self.compensations.get(text)
+        if found is None:
+            data = json.loads(text)
+            until = data.get("allowed_until")
+            found = self.compensations[text] = Compensation.model_construct(
+                strategy=data["strategy"],
+                tool=data.get("tool"),
+                args=data.get("args") or {},
+                allowed_until=from_us(until) if until is not None else None,
+            )
+        return found
+
+    def __call__(self, row: Any) -> EventInfo:
+        (
+            event_id,
+            kind,
+            occurred_us,
+            run_id,
+            agent_id,
+            identity,
+            tool,
+            reversibility,
+            status,
+            origin,
+            parent_run_id,
+            tenant,
+            workflow,
+            step_id,
+            parent_step_id,
+            system,
+            object_id,
+            compensation,
+            compensates,
+            undoes,
+            job_id,
+            has_after,
+            changes,
+            labels,
+        ) = row
+        return EventInfo(
+            event_id,
+            self.kinds[kind],
+            from_us(occurred_us),
+            run_id,
+            agent_id,
+            identity,
+            tool,
+            self.reversibility[reversibility],
+            self.statuses[status],
+            self.origins[origin],
+            parent_run_id,
+            tenant,
+            workflow,
+            step_id,
+            parent_step_id,
+            system,
+            object_id,
+            self.compensation(compensation),
+            compensates,
+            tuple(undoes.split()) if undoes else (),
+            job_id,
+            bool(has_after),
+            bool(changes),
+            json.loads(labels) if labels else {},
+        )
+
+
+WRITE_COLUMNS = (
+    "record_key",
+    "seq",
+    "field",
+    "event_id",
+    "run_id",
+    "origin",
+    "occurred_us",
+    "before",
+    "before_present",
+    "after",
+    "after_present",
+    "journaled",
+    "before_known",
+)
+
+
+def write_row(key: str, w: FieldWrite) -> tuple[Any, ...]:
+    """One field_writes row, in ``WRITE_COLUMNS`` order."""
+    before, before_present = cell_out(w.before)
+    after, after_present = cell_out(w.after)
+    return (
+        key,
+        w.seq,
+        w.field,
+        w.event_id,
+        w.run_id,
+        w.origin.value if w.origin else None,
+        to_us(w.occurred_at),
+        before,
+        before_present,
+        after,
+        after_present,
+        w.journaled,
+        w.before_known,
+    )
+
+
+WRITE_SELECT = tuple(t.field_writes.c[name] for name in WRITE_COLUMNS)
+
+
+def write_from_row(row: Any) -> FieldWrite:
+    """A FieldWrite from a row of ``WRITE_SELECT``."""
+    (
+        _,
+        seq,
+        name,
+        event_id,
+        run_id,
+        origin,
+        occurred_us,
+        before,
+        before_present,
+        after,
+        after_present,
+        journaled,
+        before_known,
+    ) = row
+    return FieldWrite(
+        name,
+        seq,
+        event_id,
+        run_id,
+        _ORIGINS[origin] if origin else None,
+        from_us(occurred_us),
+        cell_in(before, before_present),
+        cell_in(after, after_present),
+        bool(journaled),
+        bool(before_known),
+    )
+
+
+_ORIGINS = {o.value: o for o in Origin}
+
+
+STATE_COLUMNS = (
+    "record_key",
+    "system",
+    "object_id",
+    "exists",
+    "known",
+    "fields",
+    "version",
+    "seq",
+    "last_event_id",
+    "updated_us",
+    "opaque",
+)
+
+
+def state_row(state: RecordState, opaque: str) -> tuple[Any, ...]:
+    """One record_state row, in ``STATE_COLUMNS`` order."""
+    return (
+        f"{state.system}/{state.object_id}",
+        state.system,
+        state.object_id,
+        state.exists,
+        state.known,
+        dump_json(dict(state.fields)),
+        dump_json(state.version),
+        state.seq,
+        state.last_event_id,
+        to_us(state.updated_at) if state.updated_at else None,
+        opaque,
+    )
+
+
+def state_from_row(row: Any) -> RecordState:
+    return RecordState(
+        row.system,
+        row.object_id,
+        bool(row.exists),
+        bool(row.known),
+        json.loads(row.fields),
+        json.loads(row.version) if row.version else None,
+        row.seq,
+        row.last_event_id,
+        from_us(row.updated_us) if row.updated_us is not None else None,
+    )
+
+
+def histories(state_rows: Iterable[Any], write_rows: Iterable[Any]) -> dict[str, RecordHistory]:
+    writes: dict[str, list[FieldWrite]] = {}
+    for row in write_rows:
+        writes.setdefault(row[0], []).append(write_from_row(row))
+    out = {}
+    for row in state_rows:
+        out[row.record_key] = RecordHistory(
+            state_from_row(row),
+            tuple(writes.get(row.record_key, ())),
+            tuple((row.opaque or "").split()),
+        )
+    return out
+
+
+def run_row(run: RunState) -> dict[str, Any]:
+    def us(moment: datetime | None) -> int | None:
+        return to_us(moment) if moment is not None else None
+
+    return {
+        "run_id": run.run_id,
+        "parent_run_id": run.parent_run_id,
+        "agent_id": run.agent_id,
+        "identity": run.identity,
+        "tenant": run.tenant,
+        "workflow": run.workflow,
+        "environment": run.environment,
+        "status": run.status.value,
+        "started_us": us(run.started_at),
+        "finished_us": us(run.finished_at),
+        "last_event_us": us(run.last_event_at),
+        "calls": run.calls,
+        "writes": run.writes,
+    }
+
+
+def run_from_row(row: Any, points: tuple[Checkpoint, ...]) -> RunState:
+    def at(value: int | None) -> datetime | None:
+        return from_us(value) if value is not None else None
+
+    return RunState(
+        row.run_id,
+        row.agent_id,
+        row.identity,
+        row.parent_run_id,
+        row.tenant,
+        row.workflow,
+        row.environment,
+        RunStatus(row.status),
+        at(row.started_us),
+        at(row.finished_us),
+        at(row.last_event_us),
+        row.calls,
+        row.writes,
+        points,
+    )
+
+
+def link_row(link: CompensationLink) -> dict[str, Any]:
+    return {
+        "undone_event_id": link.undone_event_id,
+        "inverse_event_id": link.inverse_event_id,
+        "origin": link.origin.value,
+        "occurred_us": to_us(link.occurred_at),
+        "plan_id": link.plan_id,
+        "step_id": link.step_id,
+    }
+
+
+def link_from_row(row: Any) -> CompensationLink:
+    return CompensationLink(
+        row.undone_event_id,
+        row.inverse_event_id,
+        Origin(row.origin),
+        from_us(row.occurred_us),
+        row.plan_id,
+        row.step_id,
+    )
+
+
+def step_row(step: StepState) -> dict[str, Any]:
+    return {
+        "step_id": step.step_id,
+        "plan_id": step.plan_id,
+        "status": step.status,
+        "outcome": step.outcome,
+        "record_key": step.record_key,
+        "started_us": to_us(step.started_at) if step.started_at else None,
+        "finished_us": to_us(step.finished_at) if step.finished_at else None,
+        "detail": step.detail,
+    }
+
+
+def step_from_row(row: Any) -> StepState:
+    return StepState(
+        row.step_id,
+        row.plan_id,
+        row.status,
+        row.outcome,
+        row.record_key,
+        from_us(row.started_us) if row.started_us is not None else None,
+        from_us(row.finished_us) if row.finished_us is not None else None,
+        row.detail or "",
+    )
+
+
+def task_row(task: Task) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "plan_id": task.plan_id,
+        "status": task.status,
+        "event_id": task.event_id,
+        "system": task.system,
+        "object_id": task.object_id,
+        "run_id": task.run_id,
+        "tool": task.tool,
+        "reason": task.reason,
+        "created_us": to_us(task.created_at),
+        "closed_us": to_us(task.closed_at) if task.closed_at else None,
+        "freeze": task.freeze,
+    }
+
+
+def task_from_row(row: Any) -> Task:
+    return Task(
+        row.task_id,
+        row.plan_id,
+        row.status,
+        row.event_id,
+        row.system,
+        row.object_id,
+        row.run_id,
+        row.tool,
+        row.reason,
+        from_us(row.created_us),
+        from_us(row.closed_us) if row.closed_us is not None else None,
+        row.freeze or "",
+    )

@@ -1,0 +1,608 @@
+"""Rollback execution: a plan applied through Target adapters with compare-and-set.
+
+Every step is journaled on the actions topic: ``rollback_step_started`` before acting,
+the inverse write itself (an ActionEvent with origin ``rollback``, ``compensates`` and the
+``rollback.undoes`` label naming what it undid, before/after images), then
+``rollback_step_finished`` with the outcome. The projection folds these, so a second
+plan of the same scope finds the writes already undone, and a crashed rollback resumes:
+finished steps are skipped, CAS steps are simply tried again (compare-and-set makes that
+harmless), and a compensation that started but never finished is not run twice but
+handed to a person.
+
+- restore / delete / recreate: ``compare_and_set`` / ``delete_if`` / ``insert_if_absent``
+  against the values the log says the record has. ``CONFLICT``: nothing is written and
+  both values are reported. ``TargetUnavailable``: the step stays pending, the system is
+  not tried again in this run, nothing is marked done.
+- compensate: the compensating tool, found by name among the ``compensators`` passed in
+  (a Journal tool's undecorated function is called, so it is journaled once, here).
+- manual: the step finishes as ``manual``, which opens a task in the projection, and a
+  signed ``read_only`` freeze of the action's agent (in its tenant) stops follow-on
+  automation; without a signing key that is recorded as not done, and said.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import JsonValue
+
+from backout.infra.settings import Settings
+from backout.producers.control import malformed_reason, scope_key
+from backout.producers.ids import new_event_id
+from backout.producers.registry import to_json_value
+from backout.producers.sink import EventSink
+from backout.producers.targets import (
+    CasOutcome,
+    CasResult,
+    SqlTableTarget,
+    Target,
+    TargetUnavailable,
+)
+from backout.projections.fold import (
+    LABEL_CAS,
+    LABEL_DETAIL,
+    LABEL_FREEZE,
+    LABEL_OUTCOME,
+    LABEL_PLAN,
+    LABEL_REASON,
+    LABEL_RUN,
+    LABEL_STEP,
+    LABEL_TOOL,
+    LABEL_UNDOES,
+    StepState,
+)
+from backout.rollback.batch import SqlBatchWriter
+from backout.rollback.plan import Decision, PlanStep, RollbackPlan
+from backout.rollback.results import DONE_OUTCOMES, RollbackReport, StepOutcome, StepResult
+from backout.schemas.errors import ConfigError, PublishError, RollbackError
+from backout.schemas.events import (
+    ActionEvent,
+    CallStatus,
+    ControlAction,
+    ControlCommand,
+    ErrorInfo,
+    EventKind,
+    FreezeMode,
+    JsonMap,
+    Origin,
+    RecordImage,
+    Reversibility,
+    TargetRef,
+)
+from backout.schemas.registry import Codec, make_codec
+from backout.schemas.signing import SigningKey, sign
+
+__all__ = ["RollbackExecutor", "RollbackReport", "StepOutcome", "StepResult", "targets_by_system"]
+
+Compensator = Callable[..., Any]
+"""A compensating tool: called with the compensation's arguments as keywords."""
+
+
+def targets_by_system(targets: Iterable[Target] | Mapping[str, Target]) -> dict[str, Target]:
+    """Targets keyed by system name.
+
+    Raises:
+        ConfigError: two targets claim the same system, or an item is not a Target.
+    """
+    items = list(targets.values()) if isinstance(targets, Mapping) else list(targets)
+    out: dict[str, Target] = {}
+    for item in items:
+        if not isinstance(item, Target):
+            raise ConfigError(f"{item!r} is not a Target (system, read, compare_and_set, ...)")
+        if item.system in out:
+            raise ConfigError(f"two targets for system {item.system!r}")
+        out[item.system] = item
+    return out
+
+
+class RollbackExecutor:
+    """Applies rollback plans and journals every inverse write.
+
+    Args:
+        settings: topics, environment, codec choice.
+        sink: where journal events and freeze commands are published.
+        targets: the live systems, by system name (or an iterable of Targets).
+        compensators: compensating tools by name (Journal tools or plain callables).
+        signing_key: signs the freezes that protect manual steps' targets.
+        codec: record encoding; from settings when omitted.
+        identity: the identity rollback events are attributed to (the operator).
+        clock: the time source (tests pass a fixed one).
+        flush_every: compare-and-set steps journaled between two flushes of the sink.
+        batch_size: consecutive restores on one SqlTableTarget applied per transaction
+            (1 turns batching off).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sink: EventSink,
+        targets: Iterable[Target] | Mapping[str, Target] = (),
+        compensators: Mapping[str, Compensator] | None = None,
+        signing_key: SigningKey | None = None,
+        codec: Codec | None = None,
+        identity: str = "backout-rollback",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        flush_every: int = 500,
+        batch_size: int = 200,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.targets = targets_by_system(targets)
+        self.compensators = dict(compensators or {})
+        self.signing_key = signing_key
+        self.codec = codec or make_codec(settings.schema_registry_url)
+        self.identity = identity
+        self.clock = clock
+        self.flush_every = max(1, flush_every)
+        self.batch_size = max(1, batch_size)
+        self.topic = settings.topic("actions")
+
+    def apply(
+        self,
+        plan: RollbackPlan,
+        *,
+        prior: Mapping[str, StepState] | None = None,
+        on_step: Callable[[StepResult], None] | None = None,
+    ) -> RollbackReport:
+        """Execute ``plan`` in order.
+
+        Args:
+            plan: the plan (from ``plan_rollback``).
+            prior: step states from earlier attempts (``SqlProjectionStore.steps``).
+            on_step: called after each step (progress bars).
+
+        Raises:
+            RollbackError: journaling failed; steps done so far are safe to re-run.
+        """
+        run = _Run(self, plan, prior or {})
+        results = []
+        try:
+            run.lifecycle(EventKind.RUN_STARTED, CallStatus.SUCCEEDED)
+            for done in run.execute_all(plan.steps):
+                results.append(done)
+                if on_step is not None:
+                    on_step(done)
+            status = (
+                CallStatus.SUCCEEDED
+                if all(r.outcome not in (StepOutcome.PENDING, StepOutcome.FAILED) for r in results)
+                else CallStatus.FAILED
+            )
+            run.lifecycle(EventKind.RUN_FINISHED, status)
+            self.sink.flush()
+        except PublishError as exc:
+            raise RollbackError(
+                f"rollback {plan.plan_id}: journaling failed after {len(results)} step(s): {exc}."
+                " Targets already written are safe: re-run the same rollback to journal "
+                "them (compare-and-set finds them done)"
+            ) from exc
+        return RollbackReport(plan.plan_id, run.run_id, tuple(results), tuple(run.notes))
+
+    def compensator(self, name: str) -> tuple[Compensator, Target | None] | None:
+        """The callable for a compensating tool and the Target it declares, if any."""
+        found = self.compensators.get(name)
+        if found is None:
+            return None
+        spec = getattr(found, "__backout_tool__", None)
+        if spec is not None:  # a Journal tool: call the undecorated function, journal here
+            return spec.fn, spec.target
+        fn = getattr(found, "fn", None)
+        if callable(fn) and hasattr(found, "reversibility"):  # a ToolSpec
+            return fn, getattr(found, "target", None)
+        return found, None
+
+
+class _Run:
+    """One execution of one plan."""
+
+    def __init__(
+        self, executor: RollbackExecutor, plan: RollbackPlan, prior: Mapping[str, StepState]
+    ) -> None:
+        self.x = executor
+        self.plan = plan
+        self.prior = prior
+        self.run_id = f"rollback-{plan.plan_id}"
+        self.unavailable: dict[str, str] = {}
+        self.freezes: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.since_flush = 0
+        self.writers: dict[str, SqlBatchWriter] = {}
+
+    # --- dispatch ---------------------------------------------------------------------------
+    def execute_all(self, steps: Sequence[PlanStep]) -> Iterator[StepResult]:
+        """Results in plan order; consecutive restores on one SQL table go in batches."""
+        i = 0
+        while i < len(steps):
+            writer = self.batch_writer(steps[i])
+            if writer is None:
+                yield self.execute(steps[i])
+                i += 1
+                continue
+            group = [steps[i]]
+            while (
+                i + len(group) < len(steps)
+                and len(group) < self.x.batch_size
+                and self.batch_writer(steps[i + len(group)]) is writer
+            ):
+                group.append(steps[i + len(group)])
+            yield from self.restore_batch(writer, group)
+            i += len(group)
+
+    def batch_writer(self, step: PlanStep) -> SqlBatchWriter | None:
+        """The batch writer for a restore step that will really run, if its target has one."""
+        if step.decision is not Decision.RESTORE or self.done_before(step) is not None:
+            return None
+        system = step.system or ""
+        target = self.x.targets.get(system)
+        if not isinstance(target, SqlTableTarget) or system in self.unavailable:
+            return None
+        writer = self.writers.get(system)
+        if writer is None:
+            writer = self.writers[system] = SqlBatchWriter(target)
+        return writer
+
+    def done_before(self, step: PlanStep) -> str | None:
+        """The outcome of this step in an earlier attempt, when it must not run again."""
+        before = self.prior.get(step.step_id)
+        if before is not None and before.status == "finished" and before.outcome in DONE_OUTCOMES:
+            return before.outcome
+        return None
+
+    def execute(self, step: PlanStep) -> StepResult:
+        before = self.prior.get(step.step_id)
+        if not step.actionable:
+            return self.result(step, StepOutcome.SKIPPED, step.reason)
+        earlier = self.done_before(step)
+        if earlier is not None:
+            return self.result(
+                step, StepOutcome.SKIPPED, f"finished in an earlier attempt ({earlier})"
+            )
+        if step.decision is Decision.MANUAL:
+            return self.manual(step, step.reason)
+        if step.decision is Decision.COMPENSATE:
+            if before is not None and before.status == "started":
+                return self.manual(
+                    step,
+                    (
+                        f"compensation {step.tool!r} started in an earlier attempt but never "
+                        "finished: check whether it ran before doing anything"
+                    ),
+                )
+            return self.compensate(step)
+        return self.guarded_write(step)
+
+    # --- compare-and-set steps --------------------------------------------------------------
+    def guarded_write(self, step: PlanStep) -> StepResult:
+        system = step.system or ""
+        target = self.x.targets.get(system)
+        if target is None:
+            return self.result(
+                step,
+                StepOutcome.PENDING,
+                f"no target configured for system {system!r} (pass --targets)",
+            )
+        if system in self.unavailable:
+            return self.result(step, StepOutcome.PENDING, self.unavailable[system])
+        assert step.object_id is not None
+        self.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=False)
+        expected, desired = step.expected(), step.desired()
+        try:
+            if step.decision is Decision.RESTORE:
+                cas = target.compare_and_set(step.object_id, expected, desired)
+            elif step.decision is Decision.DELETE:
+                cas = target.delete_if(step.object_id, expected)
+            else:
+                cas = target.insert_if_absent(step.object_id, desired)
+        except TargetUnavailable as exc:
+            self.unavailable[system] = f"{system} unreachable: {exc}"
+            return self.result(step, StepOutcome.PENDING, self.unavailable[system])
+        return self.finish_cas(step, cas, expected)
+
+    def restore_batch(self, writer: SqlBatchWriter, group: list[PlanStep]) -> list[StepResult]:
+        """Restore consecutive steps on one SQL table in one transaction."""
+        for step in group:
+            self.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=False)
+        items = [(step.object_id or "", step.expected(), step.desired()) for step in group]
+        try:
+            results = writer.compare_and_set_many(items)
+        except TargetUnavailable as exc:
+            system = group[0].system or ""
+            self.unavailable[system] = f"{system} unreachable: {exc}"
+            return [self.result(s, StepOutcome.PENDING, self.unavailable[system]) for s in group]
+        return [
+            self.finish_cas(step, cas, item[1])
+            for step, cas, item in zip(group, results, items, strict=True)
+        ]
+
+    def finish_cas(self, step: PlanStep, cas: CasResult, expected: JsonMap) -> StepResult:
+        """Journal a compare-and-set step's outcome."""
+        desired = step.desired()
+        if cas.outcome is CasOutcome.CONFLICT:
+            live = _live_values(cas.live, expected or desired)
+            detail = _conflict_detail(step, expected, cas)
+            self.marker(
+                step,
+                EventKind.ROLLBACK_STEP_FINISHED,
+                {
+                    LABEL_OUTCOME: "conflict",
+                    LABEL_DETAIL: json.dumps(
+                        {"expected": expected, "live": live, "exists": cas.live.exists}
+                    ),
+                },
+                confirm=False,
+            )
+            self.tick()
+            return self.result(step, StepOutcome.CONFLICT, detail, expected=expected, live=live)
+        inverse = self.inverse(step, cas, expected)
+        outcome = StepOutcome.APPLIED if cas.outcome is CasOutcome.APPLIED else StepOutcome.ALREADY
+        self.marker(
+            step, EventKind.ROLLBACK_STEP_FINISHED, {LABEL_OUTCOME: outcome.value}, confirm=False
+        )
+        self.tick()
+        return self.result(step, outcome, "", expected=expected, inverse=inverse)
+
+    def inverse(self, step: PlanStep, cas: CasResult, expected: JsonMap) -> str:
+        """Journal the inverse write of a CAS step; returns its event id."""
+        if step.decision is Decision.DELETE:
+            before = RecordImage(exists=True, fields=expected)
+        elif step.decision is Decision.RECREATE:
+            before = RecordImage(exists=False)
+        else:
+            before = RecordImage(exists=True, fields={**cas.live.fields, **expected})
+        event = self.event(
+            step,
+            EventKind.TOOL_CALL,
+            tool=f"backout.{step.decision.value}",
+            reversibility=Reversibility.REVERSIBLE,
+            before=before,
+            after=cas.live,
+            compensates=step.undoes[0] if step.undoes else None,
+            labels={LABEL_CAS: cas.outcome.value},
+            suffix="write",
+        )
+        self.publish(event, confirm=False)
+        return event.event_id
+
+    # --- compensations ----------------------------------------------------------------------
+    def compensate(self, step: PlanStep) -> StepResult:
+        name = step.tool or ""
+        found = self.x.compensator(name)
+        if found is None:
+            return self.result(
+                step,
+                StepOutcome.FAILED,
+                (f"no compensating tool {name!r} registered (pass --compensators)"),
+            )
+        fn, tool_target = found
+        target = tool_target or self.x.targets.get(step.system or "")
+        self.x.sink.flush()
+        self.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=True)
+        before = self.read(target, step)
+        try:
+            result = fn(**dict(step.args))
+        except Exception as exc:  # the tool's own failure, whatever it is
+            retry = getattr(exc, "retryable", None)
+            detail = f"{name} failed: {type(exc).__name__}: {exc}"
+            self.marker(
+                step,
+                EventKind.ROLLBACK_STEP_FINISHED,
+                {LABEL_OUTCOME: "failed", LABEL_DETAIL: detail[:2000]},
+                confirm=True,
+            )
+            suffix = " (retryable)" if retry else ""
+            return self.result(step, StepOutcome.FAILED, detail + suffix)
+        after = self.read(target, step)
+        has_images = before is not None and after is not None
+        event = self.event(
+            step,
+            EventKind.TOOL_CALL,
+            tool=name,
+            reversibility=Reversibility.IRREVERSIBLE,
+            before=before if has_images else None,
+            after=after if has_images else None,
+            compensates=step.undoes[0] if step.undoes else None,
+            suffix="compensate",
+            result=to_json_value(result),
+            with_target=has_images,
+            args=dict(step.args),
+        )
+        self.publish(event, confirm=True)
+        self.marker(
+            step, EventKind.ROLLBACK_STEP_FINISHED, {LABEL_OUTCOME: "compensated"}, confirm=True
+        )
+        return self.result(step, StepOutcome.COMPENSATED, f"ran {name}", inverse=event.event_id)
+
+    def read(self, target: Target | None, step: PlanStep) -> RecordImage | None:
+        if target is None or step.object_id is None:
+            return None
+        try:
+            return target.read(step.object_id)
+        except TargetUnavailable:
+            return None
+
+    # --- manual steps -----------------------------------------------------------------------
+    def manual(self, step: PlanStep, reason: str) -> StepResult:
+        freeze = self.freeze(step, reason)
+        self.x.sink.flush()
+        self.marker(
+            step,
+            EventKind.ROLLBACK_STEP_FINISHED,
+            {
+                LABEL_OUTCOME: "manual",
+                LABEL_REASON: reason[:2000],
+                LABEL_FREEZE: freeze,
+                LABEL_RUN: step.run_id or "",
+                LABEL_TOOL: step.tool or "",
+            },
+            confirm=True,
+        )
+        return self.result(step, StepOutcome.MANUAL, reason, freeze=freeze)
+
+    def freeze(self, step: PlanStep, reason: str) -> str:
+        """Freeze follow-on automation of the action's agent in its tenant (read-only)."""
+        scope = {"agent": step.agent_id or ""}
+        if step.tenant:
+            scope["tenant"] = step.tenant
+        key = scope_key(scope)
+        if key in self.freezes:
+            return self.freezes[key]
+        key_file = self.x.settings.signing_key_file
+        if self.x.signing_key is None:
+            note = (
+                "not frozen: no signing key configured (set BACKOUT_SIGNING_KEY_FILE to "
+                f"freeze {key} automatically)"
+            )
+            self.notes.append(
+                f"could not freeze follow-on automation for {key}: no signing key"
+                + (f" (cannot use {key_file})" if key_file else "")
+            )
+            self.freezes[key] = note
+            return note
+        command = ControlCommand(
+            command_id=f"cmd_{new_event_id().lower()}",
+            issued_at=self.x.clock(),
+            action=ControlAction.FREEZE,
+            scope=scope,
+            mode=FreezeMode.READ_ONLY,
+            reason=f"rollback {self.plan.plan_id}: manual step {step.step_id} on "
+            f"{step.record_key or step.tool}: {reason}"[:1000],
+            issuer=self.x.identity,
+            cause=step.undoes[0] if step.undoes else None,
+        )
+        problem = malformed_reason(command)
+        if problem is not None:
+            note = f"not frozen: {problem}"
+            self.notes.append(f"could not freeze follow-on automation for {key}: {problem}")
+            self.freezes[key] = note
+            return note
+        signed = sign(command, self.x.signing_key)
+        self.x.sink.publish(
+            self.x.settings.topic("control"),
+            key.encode(),
+            self.x.codec.encode(signed),
+            confirm=True,
+        )
+        self.freezes[key] = signed.command_id
+        return signed.command_id
+
+    # --- events -----------------------------------------------------------------------------
+    def event(
+        self,
+        step: PlanStep | None,
+        kind: EventKind,
+        *,
+        tool: str,
+        reversibility: Reversibility = Reversibility.READ_ONLY,
+        before: RecordImage | None = None,
+        after: RecordImage | None = None,
+        compensates: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        suffix: str,
+        status: CallStatus = CallStatus.SUCCEEDED,
+        result: JsonValue = None,
+        with_target: bool = True,
+        args: JsonMap | None = None,
+        error: ErrorInfo | None = None,
+    ) -> ActionEvent:
+        target = None
+        if step is not None and step.system and step.object_id and with_target:
+            target = TargetRef(system=step.system, object_id=step.object_id)
+        all_labels = {LABEL_PLAN: self.plan.plan_id}
+        if step is not None:
+            all_labels |= {LABEL_STEP: step.step_id, LABEL_UNDOES: " ".join(step.undoes)}
+        step_id = f"{step.step_id}:{suffix}" if step is not None else f"{self.run_id}:{suffix}"
+        return ActionEvent(
+            event_id=new_event_id(),
+            occurred_at=self.x.clock(),
+            kind=kind,
+            run_id=self.run_id,
+            agent_id="backout",
+            identity=self.x.identity,
+            tenant=step.tenant if step is not None else self.plan.scope.tenant,
+            environment=self.x.settings.environment,
+            step_id=step_id,
+            tool=tool,
+            requested_args=args or {},
+            target=target,
+            reversibility=reversibility,
+            before=before,
+            after=after,
+            idempotency_key=step_id,
+            status=status,
+            result=result,
+            error=error,
+            origin=Origin.ROLLBACK,
+            compensates=compensates,
+            labels={**all_labels, **(labels or {})},
+        )
+
+    def marker(
+        self, step: PlanStep, kind: EventKind, labels: Mapping[str, str], *, confirm: bool
+    ) -> None:
+        suffix = "started" if kind is EventKind.ROLLBACK_STEP_STARTED else "finished"
+        self.publish(
+            self.event(step, kind, tool=f"backout.{kind.value}", labels=labels, suffix=suffix),
+            confirm=confirm,
+        )
+
+    def lifecycle(self, kind: EventKind, status: CallStatus) -> None:
+        self.publish(
+            self.event(None, kind, tool=f"backout.{kind.value}", status=status, suffix=kind.value),
+            confirm=False,
+        )
+
+    def publish(self, event: ActionEvent, *, confirm: bool) -> None:
+        self.x.sink.publish(
+            self.x.topic, event.key.encode(), self.x.codec.encode(event), confirm=confirm
+        )
+
+    def tick(self) -> None:
+        self.since_flush += 1
+        if self.since_flush >= self.x.flush_every:
+            self.x.sink.flush()
+            self.since_flush = 0
+
+    def result(
+        self,
+        step: PlanStep,
+        outcome: StepOutcome,
+        detail: str,
+        *,
+        expected: JsonMap | None = None,
+        live: JsonMap | None = None,
+        inverse: str | None = None,
+        freeze: str | None = None,
+    ) -> StepResult:
+        return StepResult(
+            step.step_id,
+            step.index,
+            step.decision,
+            outcome,
+            step.record_key,
+            detail,
+            expected or {},
+            live,
+            inverse,
+            freeze,
+        )
+
+
+def _live_values(live: RecordImage, fields: JsonMap) -> JsonMap:
+    if not live.exists:
+        return {}
+    return {name: live.fields.get(name) for name in fields}
+
+
+def _conflict_detail(step: PlanStep, expected: JsonMap, cas: CasResult) -> str:
+    if step.decision is Decision.RECREATE:
+        return f"the record exists again with {dict(cas.live.fields)!r}: nothing written"
+    if not cas.live.exists:
+        return "the record no longer exists: nothing written"
+    differs = {
+        k: (v, cas.live.fields.get(k)) for k, v in expected.items() if cas.live.fields.get(k) != v
+    }
+    shown = ", ".join(f"{k}: log says {a!r}, live is {b!r}" for k, (a, b) in differs.items())
+    return f"changed outside the log ({shown or 'values differ'}): nothing written"
