@@ -52,7 +52,8 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``backout`` console script; returns the exit code."""
     try:
-        app(
+        # With standalone_mode=False, click returns the code of `raise typer.Exit(n)`.
+        code = app(
             args=list(argv) if argv is not None else None,
             prog_name="backout",  # not argv[0]: `python -m ...` or a test runner
             standalone_mode=False,
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err.print("backout: interrupted")
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

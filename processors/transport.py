@@ -74,15 +74,28 @@ class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class TunedConsumer(faust_aiokafka.Consumer):
-    """The faust consumer with a fetch loop that hands over whole fetches."""
+    """The faust consumer with a fetch loop that hands over whole fetches.
+
+    Records of a fetch are delivered only while no seek happened since the fetch began
+    and the flow is active: a seek (after a rebalance or table recovery) makes the rest
+    of an older fetch stale, and delivering it would move the read offset past records
+    that the seek is about to fetch again, which the loop would then drop.
+    """
+
+    _seek_epoch = 0
 
     def _new_consumer_thread(self) -> TunedConsumerThread:
         return TunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def perform_seek(self) -> None:
+        self._seek_epoch += 1
+        await super().perform_seek()
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        self._seek_epoch += 1
+        await super().seek(partition, offset)
+
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - I/O loop
-        import os
-        if os.environ.get("STOCK_DRAIN"):
-            return await super()._drain_messages(fetcher)
         poll_timeout = tuning_of(self.app).poll_timeout_s
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
@@ -91,11 +104,9 @@ class TunedConsumer(faust_aiokafka.Consumer):
                 self.diag.set_flag(CONSUMER_FETCHING)
                 await self.sleep(0)
                 if not self.should_stop:
-                    res = await self.wait_first(self._deliver(self.getmany(timeout=poll_timeout)),
-                                          self.suspend_flow.wait())
-                    import logging as _l
-                    if self.suspend_flow.is_set() or res.stopped:
-                        _l.getLogger("backout.processors").info("DEBUG drain interrupted winners=%s stopped=%s", [getattr(w, "__qualname__", str(w))[:40] for w in res.winners], res.stopped)
+                    await self.wait_first(
+                        self._deliver(self.getmany(timeout=poll_timeout), self._seek_epoch),
+                        self.suspend_flow.wait())
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -108,7 +119,7 @@ class TunedConsumer(faust_aiokafka.Consumer):
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
 
-    async def _deliver(self, fetched: AsyncIterator[tuple[TP, Message]]
+    async def _deliver(self, fetched: AsyncIterator[tuple[TP, Message]], epoch: int
                        ) -> None:  # pragma: no cover - I/O loop
         """What faust's ``_drain_messages`` does per record, for one fetch."""
         callback = self.callback
@@ -118,17 +129,14 @@ class TunedConsumer(faust_aiokafka.Consumer):
         since_yield = 0
         async with contextlib.aclosing(fetched):  # type: ignore[type-var]
             async for tp, message in fetched:
+                if epoch != self._seek_epoch or not self.flow_active:
+                    return  # stale: the records are fetched again from the new position
                 since_yield += 1
                 if since_yield > 100:
                     await asyncio.sleep(0)
                     since_yield = 0
                 offset = message.offset
                 r_offset = get_read_offset(tp)
-                last = self.__dict__.setdefault("_dbg_last", {}).get(tp)
-                if last is not None and offset != last + 1 and "actions" in tp.topic:
-                    import logging as _l
-                    _l.getLogger("backout.processors").info("DEBUG gap %s: %s -> %s (read_offset %s)", tp, last, offset, r_offset)
-                self._dbg_last[tp] = offset
                 if r_offset is None or offset >= r_offset:
                     gap = offset - (r_offset or 0)
                     if gap > 1 and r_offset and acks_enabled_for(message.topic):

@@ -127,6 +127,7 @@ class World:
     def close(self) -> None:
         self.projector.close()
         self.journal.close()
+        self.sink.close()
         self.store.engine.dispose()
         self.engine.dispose()
 

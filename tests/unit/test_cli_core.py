@@ -175,3 +175,28 @@ def test_the_console_script_exits_1_without_traceback(clean_env: Path) -> None:
         "backout: bad time 'yesterday-ish': use ISO-8601 (2026-11-23T04:00:00Z) or a duration "
         "like 15m"
     ]
+
+
+def test_a_command_exit_code_reaches_the_shell() -> None:
+    """``raise typer.Exit(n)`` inside a command is the process's exit code."""
+    import typer
+
+    from backout.infra import cli
+
+    probe = typer.Typer()
+
+    @probe.command()
+    def fail() -> None:
+        raise typer.Exit(3)
+
+    @probe.command()
+    def ok() -> None:
+        return None
+
+    original = cli.app
+    cli.app = probe
+    try:
+        assert cli.main(["fail"]) == 3
+        assert cli.main(["ok"]) == 0
+    finally:
+        cli.app = original
