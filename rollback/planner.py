@@ -583,6 +583,12 @@ class _Planner:
 # --- helpers -----------------------------------------------------------------------------------
 def _classify(event: EventInfo, now: datetime) -> tuple[_Klass, str]:
     comp = event.compensation
+    irreversible = event.reversibility is Reversibility.IRREVERSIBLE or (
+        comp is not None and comp.strategy == "manual"
+    )
+    if irreversible and event.status is CallStatus.SUCCEEDED:
+        # Known to have happened and nothing can undo it: no image is needed to say so.
+        return _Klass.MANUAL, f"{event.tool!r} is irreversible: undo it by hand"
     if event.changes_record and not event.has_after:
         if event.status is CallStatus.PENDING:
             return _Klass.MANUAL, (
@@ -601,9 +607,7 @@ def _classify(event: EventInfo, now: datetime) -> tuple[_Klass, str]:
             )
         limit = f" (allowed until {until.isoformat(timespec='seconds')})" if until else ""
         return _Klass.COMPENSATE, f"run compensating tool {comp.tool!r}{limit}"
-    if event.reversibility is Reversibility.IRREVERSIBLE or (
-        comp is not None and comp.strategy == "manual"
-    ):
+    if irreversible:
         return _Klass.MANUAL, f"{event.tool!r} is irreversible: undo it by hand"
     if event.reversibility is Reversibility.COMPENSATABLE:
         return _Klass.MANUAL, f"{event.tool!r} is compensatable but declares no compensating tool"
