@@ -22,39 +22,73 @@ try:  # typer >= 0.20 ships its own copy of click; older versions raise click's 
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as _click_exceptions  # type: ignore[no-redef]
 
-app = typer.Typer(
-    name="backout",
-    help="The recovery layer for AI agents: freeze, trace, contain, roll back, harden.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,
-)
 
-# Modules that add commands to `app`; each defines `register(app: typer.Typer) -> None`.
-COMMAND_MODULES: tuple[str, ...] = (
-    "backout.infra.commands_core",
-    "backout.infra.demo",
-    "backout.infra.commands_containment",
-    "backout.infra.commands_operators",
-    "backout.infra.commands_rollback",
-    "backout.infra.commands_harden",
-    "backout.infra.commands_detection",
-)
+def _new_app() -> typer.Typer:
+    return typer.Typer(
+        name="backout",
+        help="The recovery layer for AI agents: freeze, trace, contain, roll back, harden.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        rich_markup_mode=None,
+    )
 
-for _module in COMMAND_MODULES:
-    importlib.import_module(_module).register(app)
+
+# Modules that add commands; each defines `register(app: typer.Typer) -> None`. The names
+# they register are listed so a command imports only its own module: the CLI starts fast
+# (Faust, SQLAlchemy and the Kafka clients are not loaded for commands that do not use them).
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "backout.infra.commands_core": ("broker", "tail", "topics"),
+    "backout.infra.demo": ("demo",),
+    "backout.infra.commands_containment": (
+        "freeze",
+        "lift",
+        "freezes",
+        "approve",
+        "deny",
+        "release",
+        "discard",
+        "control-audit",
+        "keys",
+    ),
+    "backout.infra.commands_operators": ("trace", "replay", "blast-radius", "report", "up"),
+    "backout.infra.commands_rollback": ("project", "state", "rollback", "tasks"),
+    "backout.infra.commands_harden": ("harden",),
+    "backout.infra.commands_detection": ("processors", "detect"),
+}
+
+
+def create_app(command: str | None = None) -> typer.Typer:
+    """The ``backout`` app: only the module that owns ``command``, or every module."""
+    owners = [m for m, names in COMMAND_MODULES.items() if command in names]
+    app = _new_app()
+    for module in owners or COMMAND_MODULES:
+        importlib.import_module(module).register(app)
+    return app
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line, if the first word is one."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
+
 
 # markup=False: messages quote user input, which may contain [brackets].
 _err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``backout`` console script; returns the exit code."""
+def main(argv: Sequence[str] | None = None, *, app: typer.Typer | None = None) -> int:
+    """Entry point of the ``backout`` console script; returns the exit code.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+        app: the app to run (default: the one ``create_app`` builds for the command).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
+        app = app or create_app(_command_of(args))
         # With standalone_mode=False, click returns the code of `raise typer.Exit(n)`.
         code = app(
-            args=list(argv) if argv is not None else None,
+            args=args,
             prog_name="backout",  # not argv[0]: `python -m ...` or a test runner
             standalone_mode=False,
         )

@@ -193,10 +193,20 @@ def test_a_command_exit_code_reaches_the_shell() -> None:
     def ok() -> None:
         return None
 
-    original = cli.app
-    cli.app = probe
-    try:
-        assert cli.main(["fail"]) == 3
-        assert cli.main(["ok"]) == 0
-    finally:
-        cli.app = original
+    assert cli.main(["fail"], app=probe) == 3
+    assert cli.main(["ok"], app=probe) == 0
+
+
+def test_every_command_module_registers_what_it_declares() -> None:
+    """The command table that keeps the CLI fast matches what each module registers."""
+    from backout.infra import cli
+
+    registered = {}
+    for module, names in cli.COMMAND_MODULES.items():
+        app = cli._new_app()
+        __import__(module, fromlist=["register"]).register(app)
+        got = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+        got |= {g.name for g in app.registered_groups}
+        assert got == set(names), module
+        registered.update(dict.fromkeys(names, module))
+    assert len(registered) == sum(len(n) for n in cli.COMMAND_MODULES.values())
