@@ -44,6 +44,7 @@ from backout.schemas.codec import encode
 from backout.schemas.errors import Frozen
 from backout.schemas.events import ControlAction, ControlCommand, FreezeMode, Reversibility
 from backout.schemas.signing import SigningKey, new_signing_key, sign
+from bench.figures import Figure, show, tally
 
 
 @dataclass(frozen=True)
@@ -59,23 +60,6 @@ DEFAULT = Sizes(rounds=150, calls_per_s=1_000, freezes=1_000, checks=200_000, hi
 QUICK = Sizes(rounds=5, calls_per_s=200, freezes=50, checks=2_000, history=400)
 
 
-@dataclass(frozen=True)
-class Figure:
-    name: str
-    value: float
-    unit: str
-    target: str
-    ok: bool
-    note: str = ""
-
-
-def show(figure: Figure) -> None:
-    verdict = "ok" if figure.ok else "MISSED"
-    print(
-        f"  {figure.name:<46} {figure.value:>10,.3f} {figure.unit:<4} "
-        f"target {figure.target:<9} {verdict:<6} {figure.note}",
-        flush=True,
-    )
 
 
 def pct(values: list[float], p: float) -> float:
@@ -396,15 +380,11 @@ def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
         for part in (bench_latency, bench_check, bench_rebuild):
             for figure in part(bootstrap, sizes):
                 figures.append(figure)
-                show(figure)
+                show(figure, decimals=3)
     finally:
         if broker is not None:
             broker.stop()
-    missed = [f.name for f in figures if not f.ok]
-    print(
-        f"{len(figures) - len(missed)}/{len(figures)} targets met"
-        + (f"; missed: {', '.join(missed)}" if missed else "")
-    )
+    tally(figures)
     return figures
 
 

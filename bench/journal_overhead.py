@@ -50,6 +50,7 @@ from backout.schemas.events import (
     Reversibility,
     TargetRef,
 )
+from bench.figures import Figure, show, tally
 
 
 @dataclass(frozen=True)
@@ -125,23 +126,6 @@ def per_call_us(fn: Callable[[], object], n: int, rounds: int = 5) -> float:
     return best
 
 
-@dataclass(frozen=True)
-class Figure:
-    name: str
-    value: float
-    unit: str
-    target: str
-    ok: bool
-    note: str = ""
-
-
-def show(figure: Figure) -> None:
-    verdict = "ok" if figure.ok else "MISSED"
-    print(
-        f"  {figure.name:<38} {figure.value:>10,.1f} {figure.unit:<8} "
-        f"target {figure.target:<12} {verdict:<6} {figure.note}",
-        flush=True,
-    )
 
 
 def bench_codec(n: int) -> list[Figure]:
@@ -348,11 +332,7 @@ def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
     finally:
         if broker is not None:
             broker.stop()
-    missed = [f.name for f in figures if not f.ok]
-    print(
-        f"{len(figures) - len(missed)}/{len(figures)} targets met"
-        + (f"; missed: {', '.join(missed)}" if missed else "")
-    )
+    tally(figures)
     return figures
 
 

@@ -51,6 +51,7 @@ from backout.schemas.events import (
     TargetRef,
 )
 from backout.schemas.registry import make_codec
+from bench.figures import Figure, show, tally
 
 
 @dataclass(frozen=True)
@@ -72,23 +73,6 @@ TRACE_TARGET_S = 2.0
 REPLAY_TARGET = 30_000.0
 
 
-@dataclass(frozen=True)
-class Figure:
-    name: str
-    value: float
-    unit: str
-    target: str
-    ok: bool
-    note: str = ""
-
-
-def show(figure: Figure) -> None:
-    verdict = "ok" if figure.ok else "MISSED"
-    print(
-        f"  {figure.name:<44} {figure.value:>12,.2f} {figure.unit:<9} "
-        f"target {figure.target:<13} {verdict:<6} {figure.note}",
-        flush=True,
-    )
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -363,7 +347,7 @@ def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> list[Figur
         True,
         f"{len(sample[0])} B per event",
     )
-    show(figures_info)
+    show(figures_info, decimals=2)
     mid = T0 + timedelta(milliseconds=sizes.replay_events // 4)
     end = T0 + timedelta(milliseconds=3 * sizes.replay_events // 4)
     target = f">= {REPLAY_TARGET:,.0f}/s"
@@ -388,7 +372,7 @@ def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> list[Figur
                 f"{matched:,} matched in {stats.seconds:.2f} s",
             )
         )
-        show(figures[-1])
+        show(figures[-1], decimals=2)
     elapsed = timed_cli("replay", "--agent", "agent-3", "--json")
     rate = count / elapsed
     figures.append(
@@ -401,7 +385,7 @@ def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> list[Figur
             f"{count:,} events in {elapsed:.2f} s",
         )
     )
-    show(figures[-1])
+    show(figures[-1], decimals=2)
     return figures
 
 
@@ -428,17 +412,13 @@ def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
                 with tempfile.TemporaryDirectory() as tmp:
                     for figure in bench_trace(settings, bootstrap, sizes, tmp):
                         figures.append(figure)
-                        show(figure)
+                        show(figure, decimals=2)
             else:
                 figures += bench_replay(settings, bootstrap, sizes)
     finally:
         if broker is not None:
             broker.stop()
-    missed = [f.name for f in figures if not f.ok]
-    print(
-        f"{len(figures) - len(missed)}/{len(figures)} targets met"
-        + (f"; missed: {', '.join(missed)}" if missed else "")
-    )
+    tally(figures)
     return figures
 
 
