@@ -17,6 +17,7 @@ exits on its own stops the stack with exit code 1. Adding a service is one line 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -69,17 +70,9 @@ GRACE_S = 10.0
 
 
 def _cli_commands() -> set[str]:
-    from backout.infra.cli import app
+    from backout.infra.cli import COMMAND_MODULES
 
-    names = set()
-    for command in app.registered_commands:
-        callback = command.callback
-        default = callback.__name__.replace("_", "-") if callback is not None else ""
-        names.add(command.name or default)
-    for group in app.registered_groups:
-        if group.name:
-            names.add(group.name)
-    return names
+    return {name for names in COMMAND_MODULES.values() for name in names}
 
 
 def available_services(
@@ -138,6 +131,7 @@ class Stack:
     children: list[_Child] = field(default_factory=list)
     metrics_port: int | None = None
     tap: object | None = None
+    _signing_env: dict[str, str] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start_broker(self) -> str:
@@ -185,10 +179,40 @@ class Stack:
         env = dict(os.environ)
         env["BACKOUT_BOOTSTRAP"] = bootstrap
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.signing_env())
         env.pop("BACKOUT_METRICS_PORT", None)
         if self.metrics_port is not None:
             env["BACKOUT_METRICS_PORT"] = str(self.metrics_port + 1 + index)
         return env
+
+    def signing_env(self) -> dict[str, str]:
+        """Signing settings for the services: the configured key, or a development key.
+
+        The processors sign their freezes. Without ``BACKOUT_SIGNING_KEY_FILE`` the stack
+        makes (once) a key in the state directory and trusts it, so the development stack
+        works out of the box; agents elsewhere must trust it too (printed at start).
+        """
+        if self._signing_env is not None:
+            return self._signing_env
+        if self.settings.signing_key_file is not None:
+            self._signing_env = {}
+            return self._signing_env
+        from backout.schemas.signing import load_signing_key, new_signing_key
+
+        path = self.settings.state_dir / "dev-signing-key.pem"
+        if path.exists():
+            key = load_signing_key(path)
+        else:
+            key = new_signing_key()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(key.private_pem())
+            path.chmod(0o600)
+        trusted = {**self.settings.trusted_keys, key.key_id: key.public_b64}
+        self._signing_env = {"BACKOUT_SIGNING_KEY_FILE": str(path.resolve()),
+                             "BACKOUT_TRUSTED_KEYS": json.dumps(trusted)}
+        self.say(f"signing: development key {key.key_id} ({path}); agents trust it with "
+                 f"export BACKOUT_TRUSTED_KEYS='{json.dumps(trusted)}'")
+        return self._signing_env
 
     def start_service(self, service: Service, bootstrap: str, index: int) -> None:
         proc = subprocess.Popen(
