@@ -270,12 +270,23 @@ class _Gen:
     def read(self, schema: Any, target: str, ind: int) -> None:
         """Emit code that reads one value into the local ``target``."""
         if self.is_json_union(schema):
-            # Strings are the common case: read them inline, the rest through read_json.
-            n = self.var("n")
-            self.emit(ind, "if buf[pos] == 8 and buf[pos + 1] < 128 and not buf[pos + 1] & 1:")
-            self.emit(ind + 1, f"{n} = buf[pos + 1] >> 1")
+            # Short strings, doubles, small longs and nulls inline; the rest via read_json.
+            n, tag = self.var("n"), self.var("tag")
+            self.emit(ind, f"{tag} = buf[pos]")
+            self.emit(ind, f"{n} = buf[pos + 1] if {tag} else 1")
+            self.emit(ind, f"if {tag} == 8 and {n} < 128 and not {n} & 1:")
+            self.emit(ind + 1, f"{n} >>= 1")
             self.emit(ind + 1, f"{target} = buf[pos + 2:pos + 2 + {n}].decode('utf-8')")
             self.emit(ind + 1, f"pos += 2 + {n}")
+            self.emit(ind, f"elif {tag} == 6:")
+            self.emit(ind + 1, f"{target} = _DOUBLE.unpack_from(buf, pos + 1)[0]")
+            self.emit(ind + 1, "pos += 9")
+            self.emit(ind, f"elif {tag} == 4 and {n} < 128:")
+            self.emit(ind + 1, f"{target} = ({n} >> 1) ^ -({n} & 1)")
+            self.emit(ind + 1, "pos += 2")
+            self.emit(ind, f"elif {tag} == 0:")
+            self.emit(ind + 1, f"{target} = None")
+            self.emit(ind + 1, "pos += 1")
             self.emit(ind, "else:")
             self.emit(ind + 1, f"{target}, pos = read_json(buf, pos)")
             return
