@@ -11,7 +11,8 @@ Topology (``P`` = ``settings.topic_prefix``)::
 Both agents take batches (``noack_take``) and hand them to the broker-free stages in
 :mod:`backout.processors.stages`, which process a batch at once and queue its outputs;
 a :class:`Pipeline` per stage acknowledges records (so Faust may commit their offsets)
-only when their outputs, and the state checkpoint that covers them, are durable. The transport is tuned in
+only when their outputs, and the state checkpoint that covers them, are durable. The
+transport is tuned in
 :mod:`backout.processors.transport`. Every worker with the same ``topic_prefix`` joins
 one consumer group, so more workers split the partitions; a restarted worker recovers
 the table from its changelog and resumes from the committed offsets.
@@ -132,14 +133,10 @@ class Pipeline:
             await asyncio.gather(*(o for _, _, outputs in batches for o in outputs))
             if store is not None:
                 await store()
-            acked = {}
             for stream, events, _ in batches:
                 for event in events:
                     await stream.ack(event)
-                    m = event.message
-                    acked[(m.topic[-12:], m.partition)] = max(acked.get((m.topic[-12:], m.partition), -1), m.offset)
                 self._waiting -= len(events)
-            log.info("DEBUG settle %s acked %s", self.name, sorted(acked.items()))
         except Exception as exc:  # outputs not durable: crash, the records are redone
             log.exception("%s: cannot settle %d batches", self.name, len(batches))
             await self._app.crash(exc)
@@ -172,9 +169,10 @@ class Processors:
 
     def __init__(self, settings: Settings, bootstrap: str, policy: Policy, key: SigningKey, *,
                  ledger: Ledger | None = None, targets: Iterable[Target] = (),
-                 tuning: Tuning = Tuning(), datadir: Path | None = None,
+                 tuning: Tuning | None = None, datadir: Path | None = None,
                  on_batch: Callable[[str, int], None] | None = None) -> None:
         self.settings = settings
+        tuning = tuning or Tuning()
         self.tuning = tuning
         self.stats = Stats()
         self._on_batch = on_batch
@@ -213,8 +211,8 @@ class Processors:
         if self.supervisor.active:
             app.task(self._supervise)
         app.timer(interval=30.0)(self._report)
-        app.on_partitions_revoked.connect(self._revoked)
-        app.on_partitions_assigned.connect(self._assigned)
+        app.on_partitions_revoked.connect(self._revoked)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self._assigned)  # type: ignore[arg-type]
 
     async def _route(self, stream: Any) -> None:
         tuning = self.tuning

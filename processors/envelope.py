@@ -88,7 +88,7 @@ def _shape(avro_type: object) -> str:
 
 
 def agent_of(raw: bytes) -> str | None:
-    """The ``agent_id`` of a single-object-encoded ActionEvent, or None (see :func:`route_fields`)."""
+    """The ``agent_id`` of an encoded ActionEvent, or None (see :func:`route_fields`)."""
     fields = route_fields(raw)
     return fields[1] if fields is not None else None
 

@@ -251,7 +251,8 @@ class Policy(BaseModel):
             allowed_tools=allowed("tools"), allowed_systems=allowed("systems"),
             allowed_tenants=allowed("tenants"), high_at=self.escalation.high,
             critical_at=self.escalation.critical,
-            severity={**DEFAULT_SEVERITY, **self.severity}, track_cap=self._track_cap())
+            severity={str(k): v for k, v in {**DEFAULT_SEVERITY, **self.severity}.items()},
+            track_cap=self._track_cap())
 
     def _track_cap(self) -> int:
         largest = 1.0
@@ -318,7 +319,7 @@ def _scope_of(response: Response, finding: Finding) -> tuple[dict[str, str], Fre
              "workflow": ctx.workflow, "tenant": ctx.tenant}[on]
     if not value:
         return None
-    scope = {on: value}
+    scope: dict[str, str] = {on: value}
     if on in ("agent", "workflow", "tenant"):
         scope["environment"] = ctx.environment
     return scope, mode

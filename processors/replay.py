@@ -216,7 +216,7 @@ def _container_events(stream: BinaryIO, path: Path) -> Iterator[tuple[ActionEven
     if to_parsing_canonical_form(written) == codec.current_schema(ActionEvent).canonical:
         read_from = _read_from()
         for block in blocks:
-            data = block.bytes_.getvalue()
+            data = block.bytes_.getvalue()  # type: ignore[attr-defined]  # fastavro Block
             pos = 0
             for _ in range(block.num_records):
                 event, pos = read_from(data, pos)

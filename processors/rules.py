@@ -215,7 +215,8 @@ class Limits:
     """Observed/limit ratio from which a windowed finding is at least ``high``."""
     critical_at: float = 5.0
     """Observed/limit ratio from which a windowed finding is ``critical``."""
-    severity: Mapping[str, Severity] = field(default_factory=lambda: dict(DEFAULT_SEVERITY))
+    severity: Mapping[str, Severity] = field(
+        default_factory=lambda: {str(k): v for k, v in DEFAULT_SEVERITY.items()})
     track_cap: int = 10_000
     """Most distinct items a scope tracks per metric (enough to see the critical ratio)."""
 
@@ -375,7 +376,8 @@ def detect(agent: ScopeState, runs: Mapping[str, ScopeState],
                     findings.extend(found)
                 if agent_subject is None:
                     agent_subject = ("agent", event.agent_id)
-                _observe(agent, agent_subject, limits.agent, facts, limits, findings)
+                if agent_subject is not None:
+                    _observe(agent, agent_subject, limits.agent, facts, limits, findings)
             agent_runs.pop(run_id, None)
             agent_runs[run_id] = t
             if t > agent.last_us:
@@ -551,7 +553,8 @@ def _retry(run: ScopeState, subject: tuple[SubjectKind, str], facts: _Facts, lim
         fp = digest(fp)
     entry = run.retries.pop(fp, None)
     if entry is None or t - cast(int, entry[1]) >= limits.window_us:
-        count, first, refs = 1, t, [facts.ref_list]
+        count, first = 1, t
+        refs: list[object] = [facts.ref_list]
     else:
         count, first = cast(int, entry[0]) + 1, cast(int, entry[1])
         refs = [*cast(list[object], entry[2])[-(RETRY_REFS - 1):], facts.ref_list]
@@ -561,7 +564,7 @@ def _retry(run: ScopeState, subject: tuple[SubjectKind, str], facts: _Facts, lim
     if count >= limits.retry_loop:
         _fire(run, "retry_loop", fp, subject, count, limits.retry_loop, facts, limits,
               f"{event.tool}({target}) called {count} times with the same arguments in "
-              f"{_secs(limits.window_us)}", out, refs=refs, inclusive=True)
+              f"{_secs(limits.window_us)}", out, refs=refs, inclusive=True)  # nested ref lists
 
 
 def _fire(state: ScopeState, detector: DetectorName, metric: str,

@@ -311,10 +311,6 @@ class DetectStage:
                                                     offset)))
         for agent, group in groups.items():
             step = self._step(agent, group.batch)
-            rng = {}
-            for ev, ref in group.batch:
-                lo, hi = rng.get(ref.partition, (10**9, -1)); rng[ref.partition] = (min(lo, ref.offset), max(hi, ref.offset))
-            log.info("DEBUG detect routed %s@%s src %s skipped %d findings %d", [r.partition for r in records][:1], [r.offset for r in records][:3], sorted(rng.items()), step.skipped, len(step.findings))
             pending.extend(self._emitter.outcome(step.findings, step.commands))
             stats.detected += len(group.batch) - step.skipped
             stats.skipped += step.skipped

@@ -73,27 +73,51 @@ class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
-class TunedConsumer(faust_aiokafka.Consumer):
-    """The faust consumer with a fetch loop that hands over whole fetches.
+_UNSEEN: Any = object()
+"""Expected offset of a partition not positioned by a seek since it was assigned."""
 
-    Records of a fetch are delivered only while no seek happened since the fetch began
-    and the flow is active: a seek (after a rebalance or table recovery) makes the rest
-    of an older fetch stale, and delivering it would move the read offset past records
-    that the seek is about to fetch again, which the loop would then drop.
+
+class TunedConsumer(faust_aiokafka.Consumer):
+    """The faust consumer with a fetch loop that hands over whole fetches, in order.
+
+    Streams get each partition's records strictly in offset order from where the last
+    seek put it (faust seeks every assigned partition to its committed offset after a
+    rebalance and table recovery): records fetched before that seek, repeats, and
+    records after an unexplained gap are not delivered. Faust alone does not ensure
+    this: a fetch that began before the seek may go on delivering after it, and the
+    broker may hand out records from ahead of the committed offset first and from the
+    committed offset later, so records came out of order or were dropped as already
+    read. A gap is explained by seeking back to the expected offset: if the broker
+    still starts after it, the offsets really are missing (compaction, transaction
+    markers) and the gap is accepted. Changelog partitions (not acknowledged, read by
+    table recovery) are delivered as faust does.
     """
 
-    _seek_epoch = 0
+    _seeking = False
 
     def _new_consumer_thread(self) -> TunedConsumerThread:
         return TunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    @property
+    def _expect(self) -> dict[TP, Any]:
+        found: dict[TP, Any] | None = self.__dict__.get("_expected")
+        if found is None:
+            found = self.__dict__["_expected"] = {}
+        return found
+
     async def perform_seek(self) -> None:
-        self._seek_epoch += 1
-        await super().perform_seek()
+        self._seeking = True
+        self._expect.clear()
+        try:
+            await super().perform_seek()
+        finally:
+            # committed offset, or None when nothing was committed (take the first)
+            self._expect.update(self._read_offset)
+            self._seeking = False
 
     async def seek(self, partition: TP, offset: int) -> None:
-        self._seek_epoch += 1
         await super().seek(partition, offset)
+        self._expect[partition] = offset
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - I/O loop
         poll_timeout = tuning_of(self.app).poll_timeout_s
@@ -104,9 +128,8 @@ class TunedConsumer(faust_aiokafka.Consumer):
                 self.diag.set_flag(CONSUMER_FETCHING)
                 await self.sleep(0)
                 if not self.should_stop:
-                    await self.wait_first(
-                        self._deliver(self.getmany(timeout=poll_timeout), self._seek_epoch),
-                        self.suspend_flow.wait())
+                    await self.wait_first(self._deliver(self.getmany(timeout=poll_timeout)),
+                                          self.suspend_flow.wait())
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -119,33 +142,58 @@ class TunedConsumer(faust_aiokafka.Consumer):
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
 
-    async def _deliver(self, fetched: AsyncIterator[tuple[TP, Message]], epoch: int
+    async def _deliver(self, fetched: AsyncIterator[tuple[TP, Message]]
                        ) -> None:  # pragma: no cover - I/O loop
-        """What faust's ``_drain_messages`` does per record, for one fetch."""
+        """Deliver one fetch: in order for acknowledged topics, as faust does otherwise."""
         callback = self.callback
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
+        expect = self._expect
         acks_enabled_for = self.app.topics.acks_enabled_for
+        refetching: set[TP] = set()
         since_yield = 0
         async with contextlib.aclosing(fetched):  # type: ignore[type-var]
             async for tp, message in fetched:
-                if epoch != self._seek_epoch or not self.flow_active:
-                    return  # stale: the records are fetched again from the new position
                 since_yield += 1
                 if since_yield > 100:
                     await asyncio.sleep(0)
                     since_yield = 0
                 offset = message.offset
-                r_offset = get_read_offset(tp)
-                if r_offset is None or offset >= r_offset:
-                    gap = offset - (r_offset or 0)
-                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if self._commit_every is not None and self._n_acked >= self._commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    await callback(message)
-                    set_read_offset(tp, offset)
+                if not acks_enabled_for(message.topic):
+                    await self._deliver_unordered(tp, message)
+                    continue
+                if self._seeking or tp in refetching:
+                    continue
+                wanted = expect.get(tp, _UNSEEN)
+                if wanted is _UNSEEN or (wanted is not None and offset < wanted):
+                    continue  # not positioned yet, or a repeat
+                if wanted is not None and offset > wanted:
+                    if self._gap_checked.get(tp) != wanted:
+                        self._gap_checked[tp] = wanted
+                        refetching.add(tp)
+                        # in the consumer's thread: aiokafka is not thread-safe
+                        await self._thread.seek_wait({tp: wanted})
+                        continue
+                    await self._add_gap(tp, wanted, offset - 1)  # really missing
+                if self._commit_every is not None and self._n_acked >= self._commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                await callback(message)
+                expect[tp] = offset + 1
+                self._read_offset[tp] = offset
+
+    @property
+    def _gap_checked(self) -> dict[TP, int]:
+        found: dict[TP, int] | None = self.__dict__.get("_gaps")
+        if found is None:
+            found = self.__dict__["_gaps"] = {}
+        return found
+
+    async def _deliver_unordered(self, tp: TP, message: Message
+                                 ) -> None:  # pragma: no cover - I/O loop
+        offset = message.offset
+        r_offset = self._read_offset[tp]
+        if r_offset is None or offset >= r_offset:
+            await self.callback(message)
+            self._read_offset[tp] = offset
 
 
 class TunedTransport(faust_aiokafka.Transport):
@@ -154,7 +202,7 @@ class TunedTransport(faust_aiokafka.Transport):
     Consumer: ClassVar[type[Any]] = TunedConsumer
 
 
-class RawSchema(faust.Schema):  # type: ignore[misc]
+class RawSchema(faust.Schema):  # type: ignore[misc,type-arg,unused-ignore]
     """Keys and values as the bytes on the wire, without faust's codec lookups."""
 
     def __init__(self) -> None:
@@ -171,7 +219,7 @@ class RawSchema(faust.Schema):  # type: ignore[misc]
         return decode
 
 
-class LeanMonitor(Monitor):  # type: ignore[misc]
+class LeanMonitor(Monitor):  # type: ignore[misc,unused-ignore]
     """Faust's monitor without its per-record bookkeeping (kept for the web UI only)."""
 
     def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
@@ -210,7 +258,7 @@ def tuning_of(app: Any) -> Tuning:
     return found if isinstance(found, Tuning) else Tuning()
 
 
-class StateTable(Table):  # type: ignore[misc]
+class StateTable(Table):  # type: ignore[misc,type-arg,unused-ignore]
     """A raw ``bytes -> bytes`` table written with explicit partitions.
 
     :meth:`put` and :meth:`drop` return the changelog send futures, so the caller can

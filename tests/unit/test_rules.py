@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from backout.processors.rules import (
@@ -132,7 +134,7 @@ def test_a_sustained_anomaly_fires_again_once_per_window() -> None:
     findings, _ = fold(policy(RATE), [clock.read() for _ in range(400)])
     critical = [f for f in findings if f.severity is Severity.CRITICAL]
     assert len(critical) == 3  # at ~25s, then quiet for 60s, twice more
-    gaps = [(b.at - a.at).total_seconds() for a, b in zip(critical, critical[1:], strict=False)]
+    gaps = [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(critical)]
     assert all(g >= 60 for g in gaps)
 
 
