@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 
 def _new_app() -> typer.Typer:
-    return typer.Typer(
+    app = typer.Typer(
         name="backout",
         help="The recovery layer for AI agents: freeze, trace, contain, roll back, harden.",
         no_args_is_help=True,
@@ -32,6 +32,14 @@ def _new_app() -> typer.Typer:
         add_completion=False,
         rich_markup_mode=None,
     )
+
+    # A callback keeps `backout` a group even when only one command module is loaded;
+    # otherwise typer would run that lone command without its name.
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    return app
 
 
 # Modules that add commands; each defines `register(app: typer.Typer) -> None`. The names

@@ -210,3 +210,14 @@ def test_every_command_module_registers_what_it_declares() -> None:
         assert got == set(names), module
         registered.update(dict.fromkeys(names, module))
     assert len(registered) == sum(len(n) for n in cli.COMMAND_MODULES.values())
+
+
+def test_a_command_is_named_even_when_only_its_module_is_loaded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`backout tail X` keeps `tail` as the command name under lazy loading."""
+    from backout.infra import cli
+
+    app = cli.create_app("tail")
+    assert cli.main(["tail", "--topic", "nope"], app=app) == 1
+    assert "unknown topic 'nope'" in capsys.readouterr().err
