@@ -38,9 +38,14 @@ log = logging.getLogger("backout.processors")
 _RESTART_BACKOFF_S = 2.0
 _SHORT_TOPICS = ("actions", "control", "signals", "quarantine", "dlq")
 
-PolicyOption = Annotated[Path | None, typer.Option(
-    "--policy", help="Policy YAML (default: BACKOUT_POLICY_FILE, else the packaged default.yaml).",
-    dir_okay=False)]
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        help="Policy YAML (default: BACKOUT_POLICY_FILE, else the packaged default.yaml).",
+        dir_okay=False,
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -72,12 +77,16 @@ def signing_key_for(settings: Settings) -> SigningKey:
     if path is None and (settings.state_dir / "signing.key").exists():
         path = settings.state_dir / "signing.key"
     if path is None:
-        raise ConfigError("the processors sign their freezes: set BACKOUT_SIGNING_KEY_FILE "
-                          "(create a key with `backout keys new`)")
+        raise ConfigError(
+            "the processors sign their freezes: set BACKOUT_SIGNING_KEY_FILE "
+            "(create a key with `backout keys new`)"
+        )
     key = load_signing_key(path)
     if settings.trusted_keys.get(key.key_id) != key.public_b64:
-        err_console.print(f"warning: key {key.key_id} is not in BACKOUT_TRUSTED_KEYS here; "
-                          "guards that do not trust it will ignore the processors' freezes")
+        err_console.print(
+            f"warning: key {key.key_id} is not in BACKOUT_TRUSTED_KEYS here; "
+            "guards that do not trust it will ignore the processors' freezes"
+        )
     return key
 
 
@@ -107,15 +116,25 @@ def targets_from(spec: str | None) -> list[Target]:
 
 
 def processors(
-    workers: Annotated[int, typer.Option(
-        "--workers", min=1, help="Worker processes to run here; they split the partitions "
-        "(so do workers started elsewhere with the same topic prefix).")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Worker processes to run here; they split the partitions "
+            "(so do workers started elsewhere with the same topic prefix).",
+        ),
+    ] = 1,
     policy: PolicyOption = None,
-    targets: Annotated[str | None, typer.Option(
-        "--targets", help="module:attr of an iterable of Targets, for supervisor sampling.")
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            "--targets", help="module:attr of an iterable of Targets, for supervisor sampling."
+        ),
     ] = None,
-    log_level: Annotated[str, typer.Option(
-        "--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning or error.")
+    ] = "info",
     worker_id: Annotated[str, typer.Option("--worker-id", hidden=True)] = "0",
 ) -> None:
     """Run the stream processors: every action through the detectors, Signals and signed
@@ -124,27 +143,43 @@ def processors(
     Example: backout processors --workers 2 --policy infra/policies/strict.yaml
     """
     settings = load_settings()
-    bootstrap = resolve_bootstrap(settings)
     chosen = policy_for(policy, settings)  # refuse a bad policy before starting anything
     key = signing_key_for(settings)
     found = targets_from(targets)
+    bootstrap = resolve_bootstrap(settings)
     if workers > 1:
         _supervise(workers, policy, targets, log_level)
         return
     _run_one(settings, bootstrap, chosen, key, found, log_level, worker_id)
 
 
-def _run_one(settings: Settings, bootstrap: str, policy: Policy, key: SigningKey,
-             targets: list[Target], log_level: str, worker_id: str) -> None:
+def _run_one(
+    settings: Settings,
+    bootstrap: str,
+    policy: Policy,
+    key: SigningKey,
+    targets: list[Target],
+    log_level: str,
+    worker_id: str,
+) -> None:
     from backout.processors.app import Processors, run_worker
     from backout.processors.ledger import ControlLedger
 
     ledger = ControlLedger(settings, bootstrap).start()
     try:
-        worker = Processors(settings, bootstrap, policy, key, ledger=ledger, targets=targets,
-                            datadir=settings.state_dir / "processors" / f"worker-{worker_id}")
-        console.print(f"processors worker {worker_id}: policy {policy.name!r}, "
-                      f"actions {settings.topic('actions')!r}, broker {bootstrap}")
+        worker = Processors(
+            settings,
+            bootstrap,
+            policy,
+            key,
+            ledger=ledger,
+            targets=targets,
+            datadir=settings.state_dir / "processors" / f"worker-{worker_id}",
+        )
+        console.print(
+            f"processors worker {worker_id}: policy {policy.name!r}, "
+            f"actions {settings.topic('actions')!r}, broker {bootstrap}"
+        )
         run_worker(worker, loglevel=log_level)
     finally:
         ledger.close()
@@ -152,9 +187,20 @@ def _run_one(settings: Settings, bootstrap: str, policy: Policy, key: SigningKey
 
 def _supervise(workers: int, policy: Path | None, targets: str | None, log_level: str) -> None:
     """Run ``workers`` child processes, restart any that dies, stop all on a signal."""
+
     def argv(index: int) -> list[str]:
-        args = [sys.executable, "-m", "backout.infra.cli", "processors", "--workers", "1",
-                "--worker-id", str(index), "--log-level", log_level]
+        args = [
+            sys.executable,
+            "-m",
+            "backout.infra.cli",
+            "processors",
+            "--workers",
+            "1",
+            "--worker-id",
+            str(index),
+            "--log-level",
+            log_level,
+        ]
         if policy is not None:
             args += ["--policy", str(policy)]
         if targets:
@@ -169,16 +215,20 @@ def _supervise(workers: int, policy: Path | None, targets: str | None, log_level
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     children = {i: subprocess.Popen(argv(i)) for i in range(workers)}
-    console.print(f"started {workers} processors workers: pids "
-                  f"{', '.join(str(p.pid) for p in children.values())}")
+    console.print(
+        f"started {workers} processors workers: pids "
+        f"{', '.join(str(p.pid) for p in children.values())}"
+    )
     try:
         while not stopping:
             time.sleep(0.2)
             for index, child in list(children.items()):
                 code = child.poll()
                 if code is not None and not stopping:
-                    err_console.print(f"worker {index} (pid {child.pid}) exited with {code}; "
-                                      f"restarting in {_RESTART_BACKOFF_S:g}s")
+                    err_console.print(
+                        f"worker {index} (pid {child.pid}) exited with {code}; "
+                        f"restarting in {_RESTART_BACKOFF_S:g}s"
+                    )
                     time.sleep(_RESTART_BACKOFF_S)
                     children[index] = subprocess.Popen(argv(index))
     finally:
@@ -196,15 +246,26 @@ def _supervise(workers: int, policy: Path | None, targets: str | None, log_level
 
 
 def detect(
-    replay_from: Annotated[str, typer.Option(
-        "--replay", help="An Avro container file of ActionEvents, or a topic (actions, or a "
-        "full topic name).")],
+    replay_from: Annotated[
+        str,
+        typer.Option(
+            "--replay",
+            help="An Avro container file of ActionEvents, or a topic (actions, or a "
+            "full topic name).",
+        ),
+    ],
     policy: PolicyOption = None,
-    since: Annotated[str | None, typer.Option(
-        "--since", help="Topic replay: from this time (ISO-8601, or a duration ago: 2h).")
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since", help="Topic replay: from this time (ISO-8601, or a duration ago: 2h)."
+        ),
     ] = None,
-    until: Annotated[str | None, typer.Option(
-        "--until", help="Topic replay: up to this time (default: the topic's end now).")
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until", help="Topic replay: up to this time (default: the topic's end now)."
+        ),
     ] = None,
     json_out: bool = JSON_OPTION,
 ) -> None:
@@ -227,9 +288,12 @@ def detect(
         else:
             topic = settings.topic(replay_from) if replay_from in _SHORT_TOPICS else replay_from
             events, bad = read_topic(
-                settings, resolve_bootstrap(settings), topic,
+                settings,
+                resolve_bootstrap(settings),
+                topic,
                 since=parse_time(since) if since else None,
-                until=parse_time(until) if until else None)
+                until=parse_time(until) if until else None,
+            )
             result = replay(events, chosen, undecodable=bad)
     finally:
         gc.enable()
@@ -242,19 +306,49 @@ def detect(
 def _print(result: ReplayResult) -> None:
     data = result.to_json()
     if data["findings"]:
-        console.print(table("Findings", ("#", "event", "detector", "severity", "subject",
-                                         "summary"),
-                            ((f["event_index"], f["event_id"], f["detector"], f["severity"],
-                              f["subject"], f["summary"]) for f in data["findings"])))
+        console.print(
+            table(
+                "Findings",
+                ("#", "event", "detector", "severity", "subject", "summary"),
+                (
+                    (
+                        f["event_index"],
+                        f["event_id"],
+                        f["detector"],
+                        f["severity"],
+                        f["subject"],
+                        f["summary"],
+                    )
+                    for f in data["findings"]
+                ),
+            )
+        )
     if data["commands"]:
-        console.print(table("Commands it would issue", ("#", "event", "command", "freeze",
-                                                        "scope", "cause"),
-                            ((c["event_index"], c["event_id"], c["command_id"], c["mode"],
-                              ", ".join(f"{k}={v}" for k, v in c["scope"].items()), c["cause"])
-                             for c in data["commands"])))
+        console.print(
+            table(
+                "Commands it would issue",
+                ("#", "event", "command", "freeze", "scope", "cause"),
+                (
+                    (
+                        c["event_index"],
+                        c["event_id"],
+                        c["command_id"],
+                        c["mode"],
+                        ", ".join(f"{k}={v}" for k, v in c["scope"].items()),
+                        c["cause"],
+                    )
+                    for c in data["commands"]
+                ),
+            )
+        )
     for bad in data["undecodable"]:
         console.print(f"undecodable: {bad['position']}: {bad['reason']}")
-    console.print(f"{data['events']} events, {len(data['findings'])} findings, "
-                  f"{len(data['commands'])} commands"
-                  + (f", {data['sampled']} writes sampled for re-check (not re-checked in "
-                     "replay)" if data["sampled"] else ""))
+    console.print(
+        f"{data['events']} events, {len(data['findings'])} findings, "
+        f"{len(data['commands'])} commands"
+        + (
+            f", {data['sampled']} writes sampled for re-check (not re-checked in replay)"
+            if data["sampled"]
+            else ""
+        )
+    )

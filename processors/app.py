@@ -3,7 +3,7 @@
 Topology (``P`` = ``settings.topic_prefix``)::
 
     P.actions ──route──► P.processors-by-agent ──detect──► P.signals   (Signals)
-      (keyed by record)   (keyed by agent, batched)    └──► P.control   (signed freezes)
+      (keyed by record)   (partition by agent, batched) └──► P.control  (signed freezes)
                                                         └──► P.dlq       (undecodable records)
     detector state: Faust table "state" (changelog P.processors-state-changelog),
     one entry per agent and per run, partitioned like the routed topic.
@@ -62,13 +62,22 @@ class FaustOutbox:
         self._app = app
         self._topics: dict[str, Any] = {}
 
-    def send(self, topic: str, key: bytes | None, value: bytes,
-             headers: Headers | None = None) -> Awaitable[object]:
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> Awaitable[object]:
         channel = self._topics.get(topic)
         if channel is None:
             channel = self._topics[topic] = self._app.topic(
-                topic, key_serializer="raw", value_serializer="raw")
-        future: Awaitable[object] = channel.send_soon(key=key, value=value, headers=headers)
+                topic, key_serializer="raw", value_serializer="raw"
+            )
+        future: Awaitable[object] = channel.send_soon(
+            key=key, value=value, headers=headers, partition=partition
+        )
         return future
 
 
@@ -81,8 +90,15 @@ class Pipeline:
     :meth:`submit` blocks while ``4 * soft_limit`` records wait.
     """
 
-    def __init__(self, app: faust.App, name: str, *, checkpoint: Callable[[], Store] | None,
-                 interval_s: float, soft_limit: int) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        name: str,
+        *,
+        checkpoint: Callable[[], Store] | None,
+        interval_s: float,
+        soft_limit: int,
+    ) -> None:
         self._app = app
         self.name = name
         self._checkpoint = checkpoint
@@ -93,8 +109,9 @@ class Pipeline:
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
-    async def submit(self, stream: Any, events: Sequence[Any],
-                     outputs: list[Awaitable[object]]) -> None:
+    async def submit(
+        self, stream: Any, events: Sequence[Any], outputs: list[Awaitable[object]]
+    ) -> None:
         """Add a processed batch (call right after processing it, before any await)."""
         self._batches.append((stream, events, outputs))
         self._waiting += len(events)
@@ -147,8 +164,7 @@ def _records(events: Iterable[Any]) -> list[Record]:
     out = []
     for event in events:
         m = event.message
-        out.append(Record(m.topic, m.partition, m.offset, m.key, m.value,
-                          list(m.headers or ())))
+        out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, list(m.headers or ())))
     return out
 
 
@@ -167,10 +183,19 @@ class Processors:
         on_batch: called after each batch with the stage name and record count.
     """
 
-    def __init__(self, settings: Settings, bootstrap: str, policy: Policy, key: SigningKey, *,
-                 ledger: Ledger | None = None, targets: Iterable[Target] = (),
-                 tuning: Tuning | None = None, datadir: Path | None = None,
-                 on_batch: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        policy: Policy,
+        key: SigningKey,
+        *,
+        ledger: Ledger | None = None,
+        targets: Iterable[Target] = (),
+        tuning: Tuning | None = None,
+        datadir: Path | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.settings = settings
         tuning = tuning or Tuning()
         self.tuning = tuning
@@ -180,32 +205,69 @@ class Processors:
         codec = make_codec(settings.schema_registry_url)
         actions = settings.topic("actions")
         outbox = FaustOutbox(app)
-        emitter = Emitter(outbox, codec, key, signals=settings.topic("signals"),
-                          control=settings.topic("control"), dlq=settings.topic("dlq"),
-                          ledger=ledger, stats=self.stats)
+        emitter = Emitter(
+            outbox,
+            codec,
+            key,
+            signals=settings.topic("signals"),
+            control=settings.topic("control"),
+            dlq=settings.topic("dlq"),
+            ledger=ledger,
+            stats=self.stats,
+        )
         engine = Engine(policy)
         self.supervisor = Supervisor(
-            policy.supervisor, targets, engine, emitter, codec, actions=actions,
-            severity=policy.severity.get("supervisor_drift",
-                                         DEFAULT_SEVERITY["supervisor_drift"]))
+            policy.supervisor,
+            targets,
+            engine,
+            emitter,
+            codec,
+            actions=actions,
+            severity=policy.severity.get("supervisor_drift", DEFAULT_SEVERITY["supervisor_drift"]),
+        )
         routed = settings.topic(ROUTED_TOPIC)
-        self.router = RouteStage(outbox, emitter, codec, routed=routed,
-                                 envelope_bytes=tuning.envelope_bytes,
-                                 sampler=self.supervisor if self.supervisor.active else None)
+        self.router = RouteStage(
+            outbox,
+            emitter,
+            codec,
+            routed=routed,
+            partitions=settings.actions_partitions,
+            envelope_bytes=tuning.envelope_bytes,
+            sampler=self.supervisor if self.supervisor.active else None,
+        )
         self.table = StateTable(
-            app, name=STATE_TABLE, partitions=settings.actions_partitions, default=None,
-            key_type=bytes, value_type=bytes, help="detector state per agent and run")
+            app,
+            name=STATE_TABLE,
+            partitions=settings.actions_partitions,
+            default=None,
+            key_type=bytes,
+            value_type=bytes,
+            help="detector state per agent and run",
+        )
         app.tables.add(self.table)
         self.detector = DetectStage(engine, emitter, self.table, codec, actions=actions)
-        self._routing = Pipeline(app, "route", checkpoint=None,
-                                 interval_s=tuning.checkpoint_s, soft_limit=tuning.settle_records)
-        self._detecting = Pipeline(app, "detect", checkpoint=self.detector.checkpoint,
-                                   interval_s=tuning.checkpoint_s,
-                                   soft_limit=tuning.settle_records)
+        self._routing = Pipeline(
+            app,
+            "route",
+            checkpoint=None,
+            interval_s=tuning.checkpoint_s,
+            soft_limit=tuning.settle_records,
+        )
+        self._detecting = Pipeline(
+            app,
+            "detect",
+            checkpoint=self.detector.checkpoint,
+            interval_s=tuning.checkpoint_s,
+            soft_limit=tuning.settle_records,
+        )
         actions_topic = app.topic(actions, schema=RawSchema())
-        routed_topic = app.topic(routed, schema=RawSchema(), internal=True,
-                                 partitions=settings.actions_partitions,
-                                 replicas=settings.replication_factor)
+        routed_topic = app.topic(
+            routed,
+            schema=RawSchema(),
+            internal=True,
+            partitions=settings.actions_partitions,
+            replicas=settings.replication_factor,
+        )
         app.agent(actions_topic, name="route")(self._route)
         app.agent(routed_topic, name="detect")(self._detect)
         if self.supervisor.active:
@@ -222,10 +284,8 @@ class Processors:
 
     async def _detect(self, stream: Any) -> None:
         tuning = self.tuning
-        async for events in stream.noack_take(tuning.detect_batch,
-                                              within=tuning.detect_within_s):
-            await self._detecting.submit(stream, events,
-                                         self.detector.process(_records(events)))
+        async for events in stream.noack_take(tuning.detect_batch, within=tuning.detect_within_s):
+            await self._detecting.submit(stream, events, self.detector.process(_records(events)))
             self._batch("detect", len(events))
 
     async def _supervise(self) -> None:
@@ -233,10 +293,20 @@ class Processors:
 
     async def _report(self) -> None:
         s = self.stats
-        log.info("routed=%d detected=%d skipped=%d findings=%d commands=%d known=%d "
-                 "dead_letters=%d sampled=%d rechecked=%d drifted=%d", s.routed, s.detected,
-                 s.skipped, s.findings, s.commands, s.commands_known, s.dead_letters,
-                 s.sampled, s.rechecked, s.drifted)
+        log.info(
+            "routed=%d detected=%d skipped=%d findings=%d commands=%d known=%d "
+            "dead_letters=%d sampled=%d rechecked=%d drifted=%d",
+            s.routed,
+            s.detected,
+            s.skipped,
+            s.findings,
+            s.commands,
+            s.commands_known,
+            s.dead_letters,
+            s.sampled,
+            s.rechecked,
+            s.drifted,
+        )
 
     async def _assigned(self, app: Any, assigned: Any, **_: Any) -> None:
         actions = self.settings.topic("actions")
@@ -255,8 +325,9 @@ class Processors:
             self._on_batch(stage, count)
 
 
-def _faust_app(settings: Settings, bootstrap: str, tuning: Tuning,
-               datadir: Path | None) -> TunedApp:
+def _faust_app(
+    settings: Settings, bootstrap: str, tuning: Tuning, datadir: Path | None
+) -> TunedApp:
     datadir = datadir or settings.state_dir / "processors"
     datadir.mkdir(parents=True, exist_ok=True)
     app = TunedApp(
@@ -288,8 +359,7 @@ def _faust_app(settings: Settings, bootstrap: str, tuning: Tuning,
 
 def run_worker(processors: Processors, *, loglevel: str = "info") -> None:
     """Run ``processors`` in this process until SIGINT/SIGTERM (Faust's worker)."""
-    worker = faust.Worker(processors.app, loglevel=loglevel, quiet=True,
-                          redirect_stdouts=False)
+    worker = faust.Worker(processors.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
 
 

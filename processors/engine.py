@@ -45,19 +45,25 @@ class Engine:
         self._limits_for = policy.resolver()
         self._cooldown_us = micros_of(policy.cooldown.total_seconds())
 
-    def step(self, agent: ScopeState, runs: Mapping[str, ScopeState],
-             batch: Iterable[tuple[ActionEvent, EventRef]]) -> Step:
+    def step(
+        self,
+        agent: ScopeState,
+        runs: Mapping[str, ScopeState],
+        batch: Iterable[tuple[ActionEvent, EventRef]],
+    ) -> Step:
         """Fold ``batch`` (one agent's events, in order) into its states.
 
         The inputs are not changed; the new states come back in the result.
         """
         found = detect(agent, runs, batch, self._limits_for)
         commands = self.respond(found.findings, found.agent.issued)
-        return Step(found.agent, found.runs, found.findings, commands, found.expired_runs,
-                    found.skipped)
+        return Step(
+            found.agent, found.runs, found.findings, commands, found.expired_runs, found.skipped
+        )
 
-    def respond(self, findings: Iterable[Finding], issued: dict[str, int]
-                ) -> list[tuple[ControlCommand, Finding]]:
+    def respond(
+        self, findings: Iterable[Finding], issued: dict[str, int]
+    ) -> list[tuple[ControlCommand, Finding]]:
         """The commands for ``findings``, minus repeats still in cooldown.
 
         Args:
@@ -89,22 +95,47 @@ def micros_of(seconds: float) -> int:
 def signal_of(finding: Finding) -> Signal:
     """The Signal that publishes ``finding`` (its id is the finding id)."""
     ctx = finding.context
-    scope = {k: v for k, v in (("run", ctx.run), ("agent", ctx.agent),
-                               ("identity", ctx.identity), ("tenant", ctx.tenant),
-                               ("workflow", ctx.workflow), ("environment", ctx.environment))
-             if v}
+    scope = {
+        k: v
+        for k, v in (
+            ("run", ctx.run),
+            ("agent", ctx.agent),
+            ("identity", ctx.identity),
+            ("tenant", ctx.tenant),
+            ("workflow", ctx.workflow),
+            ("environment", ctx.environment),
+        )
+        if v
+    }
     evidence: list[Evidence] = []
     seen: set[str] = set()
     for ref in (finding.trigger, *finding.evidence):
         if ref.event_id not in seen:
             seen.add(ref.event_id)
-            evidence.append(Evidence(event_id=ref.event_id, topic=ref.topic,
-                                     partition=ref.partition, offset=ref.offset))
-    details = {"subject": f"{finding.subject[0]}={finding.subject[1]}", "tool": ctx.tool,
-               "trigger": finding.trigger.event_id, **finding.details}
-    return Signal(signal_id=finding.finding_id, detected_at=finding.at,
-                  detector=finding.detector, severity=finding.severity, scope=scope,
-                  summary=finding.summary, evidence=evidence, details=details)
+            evidence.append(
+                Evidence(
+                    event_id=ref.event_id,
+                    topic=ref.topic,
+                    partition=ref.partition,
+                    offset=ref.offset,
+                )
+            )
+    details = {
+        "subject": f"{finding.subject[0]}={finding.subject[1]}",
+        "tool": ctx.tool,
+        "trigger": finding.trigger.event_id,
+        **finding.details,
+    }
+    return Signal(
+        signal_id=finding.finding_id,
+        detected_at=finding.at,
+        detector=finding.detector,
+        severity=finding.severity,
+        scope=scope,
+        summary=finding.summary,
+        evidence=evidence,
+        details=details,
+    )
 
 
 def signal_key(finding: Finding) -> str:

@@ -4,10 +4,11 @@ The actions topic is keyed by record; detectors need every event of an agent (an
 each of its runs, which belong to one agent) on one partition. The route stage reads
 each record's ``agent_id`` straight from the first fields of its Avro body
 (:func:`agent_of`, a few microseconds instead of a full decode) and forwards the
-*original bytes* with their source position in batches, one batch per agent per poll
-(:func:`pack`). The detect stage unpacks them (:func:`unpack`) and decodes each record
-once with the codec. Batching keeps the per-message cost of the stream engine off the
-second hop.
+*original bytes* with their source position in batches, one batch per routed partition
+per poll (:func:`pack`); an agent's records always go to partition
+:func:`partition_for` of the routed topic, where its (and its runs') state lives. The
+detect stage unpacks them (:func:`unpack`) and decodes each record once with the codec.
+Batching keeps the per-message cost of the stream engine off the second hop.
 
 Batch format, version 1: ``0x01`` then, per record, three Avro longs (source partition,
 source offset, length) and the record's bytes.
@@ -15,6 +16,7 @@ source offset, length) and the record's bytes.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from functools import cache
 
@@ -27,8 +29,19 @@ Routed = tuple[int, int, bytes]
 """A forwarded record: source partition, source offset, original bytes."""
 
 _HEADER = 10
-_PREFIX = (("event_id", "string"), ("occurred_at", "long"), ("kind", "enum"),
-           ("run_id", "string"), ("parent_run_id", "null|string"), ("agent_id", "string"))
+_PREFIX = (
+    ("event_id", "string"),
+    ("occurred_at", "long"),
+    ("kind", "enum"),
+    ("run_id", "string"),
+    ("parent_run_id", "null|string"),
+    ("agent_id", "string"),
+)
+
+
+def partition_for(agent: str, partitions: int) -> int:
+    """The routed partition of an agent: stable across processes and restarts."""
+    return zlib.crc32(agent.encode()) % partitions
 
 
 def pack(items: Iterable[Routed]) -> bytes:
@@ -59,7 +72,7 @@ def unpack(blob: bytes) -> list[Routed]:
             size, pos = read_long(blob, pos)
             if size < 0 or pos + size > end:
                 raise ValueError("truncated routed batch")
-            items.append((partition, offset, blob[pos:pos + size]))
+            items.append((partition, offset, blob[pos : pos + size]))
             pos += size
     except IndexError:
         raise ValueError("truncated routed batch") from None
@@ -102,23 +115,23 @@ def route_fields(raw: bytes) -> tuple[str, str] | None:
     if raw[:2] != SINGLE_OBJECT_MAGIC or raw[2:_HEADER] not in _prefix_fingerprints():
         return None
     try:
-        size, pos = read_long(raw, _HEADER)    # event_id
+        size, pos = read_long(raw, _HEADER)  # event_id
         if size < 0 or pos + size > len(raw):
             return None
-        event_id = raw[pos:pos + size].decode("utf-8")
+        event_id = raw[pos : pos + size].decode("utf-8")
         pos += size
-        _, pos = read_long(raw, pos)           # occurred_at
-        _, pos = read_long(raw, pos)           # kind
-        pos = _skip_string(raw, pos)           # run_id
-        branch, pos = read_long(raw, pos)      # parent_run_id
+        _, pos = read_long(raw, pos)  # occurred_at
+        _, pos = read_long(raw, pos)  # kind
+        pos = _skip_string(raw, pos)  # run_id
+        branch, pos = read_long(raw, pos)  # parent_run_id
         if branch == 1:
             pos = _skip_string(raw, pos)
         elif branch != 0:
             return None
-        size, pos = read_long(raw, pos)        # agent_id
+        size, pos = read_long(raw, pos)  # agent_id
         if size < 0 or pos + size > len(raw):
             return None
-        return event_id, raw[pos:pos + size].decode("utf-8")
+        return event_id, raw[pos : pos + size].decode("utf-8")
     except (IndexError, ValueError):
         return None
 

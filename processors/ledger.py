@@ -36,11 +36,19 @@ class ControlLedger:
     def __init__(self, settings: Settings, bootstrap: str) -> None:
         self._topic = settings.topic("control")
         self._codec = make_codec(settings.schema_registry_url)
-        self._consumer = Consumer(kafka_config(
-            settings, bootstrap, **{
-                "group.id": f"backout-processors-ledger-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10, "enable.partition.eof": True}))
+        self._consumer = Consumer(
+            kafka_config(
+                settings,
+                bootstrap,
+                **{
+                    "group.id": f"backout-processors-ledger-{uuid.uuid4().hex[:8]}",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "fetch.wait.max.ms": 10,
+                    "enable.partition.eof": True,
+                },
+            )
+        )
         self._ids: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -61,8 +69,9 @@ class ControlLedger:
             if topic is None or topic.error is not None or not topic.partitions:
                 raise ConfigError(f"no control topic {self._topic!r}: run `backout topics ensure`")
             partitions = sorted(topic.partitions)
-            self._consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING)
-                                   for p in partitions])
+            self._consumer.assign(
+                [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions]
+            )
             self._catch_up(set(partitions), timeout)
         except KafkaException as exc:
             raise ConfigError(f"cannot read the control topic {self._topic!r}: {exc}") from exc

@@ -72,16 +72,23 @@ def _duration(value: object) -> object:
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match is None:
-            raise ValueError(f"bad duration {value!r}: use a number of seconds or 250ms, 90s, "
-                             "5m, 1h, 1d")
+            raise ValueError(
+                f"bad duration {value!r}: use a number of seconds or 250ms, 90s, 5m, 1h, 1d"
+            )
         return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
     return value
 
 
 Duration: TypeAlias = Annotated[timedelta, BeforeValidator(_duration)]
 ResponseAction: TypeAlias = Literal[
-    "signal", "read_only", "halt", "quarantine_identity", "pause_workflow", "pause_tenant",
-    "global_stop"]
+    "signal",
+    "read_only",
+    "halt",
+    "quarantine_identity",
+    "pause_workflow",
+    "pause_tenant",
+    "global_stop",
+]
 ScopeOn: TypeAlias = Literal["run", "agent", "identity", "workflow", "tenant"]
 
 
@@ -197,7 +204,8 @@ class Policy(BaseModel):
     agents: dict[str, RuleSet] = Field(default_factory=dict)
     tools: dict[str, RuleSet] = Field(default_factory=dict)
     responses: dict[DetectorName | Literal["default"], dict[Severity, ResponseList]] = Field(
-        default_factory=dict)
+        default_factory=dict
+    )
     supervisor: SupervisorSpec = SupervisorSpec()
 
     @model_validator(mode="after")
@@ -227,37 +235,54 @@ class Policy(BaseModel):
 
         return limits_for
 
-    def _resolve(self, agent: str, workflow: str | None, tenant: str | None,
-                 tool: str) -> Limits:
+    def _resolve(self, agent: str, workflow: str | None, tenant: str | None, tool: str) -> Limits:
         merged = _explicit(self.defaults)
-        for table, name in ((self.tenants, tenant), (self.workflows, workflow),
-                            (self.agents, agent), (self.tools, tool)):
+        for table, name in (
+            (self.tenants, tenant),
+            (self.workflows, workflow),
+            (self.agents, agent),
+            (self.tools, tool),
+        ):
             rules = table.get(name) if name is not None else None
             if rules is not None:
                 merged.update(_explicit(rules))
 
         def scope(kind: str) -> ScopeLimits:
-            return ScopeLimits(**{m: merged.get(f"limits.{kind}.{m}")
-                                  for m in ("actions", "records", "tenants", "systems", "value")})
+            return ScopeLimits(
+                **{
+                    m: merged.get(f"limits.{kind}.{m}")
+                    for m in ("actions", "records", "tenants", "systems", "value")
+                }
+            )
 
         def allowed(what: str) -> frozenset[str] | None:
             names = merged.get(f"allow.{what}")
             return frozenset(names) if isinstance(names, list) else None
 
         return Limits(
-            window_us=_us(self.window), run=scope("run"), agent=scope("agent"),
+            window_us=_us(self.window),
+            run=scope("run"),
+            agent=scope("agent"),
             retry_loop=merged.get("limits.retry_loop"),
             min_confidence=merged.get("limits.min_confidence"),
-            allowed_tools=allowed("tools"), allowed_systems=allowed("systems"),
-            allowed_tenants=allowed("tenants"), high_at=self.escalation.high,
+            allowed_tools=allowed("tools"),
+            allowed_systems=allowed("systems"),
+            allowed_tenants=allowed("tenants"),
+            high_at=self.escalation.high,
             critical_at=self.escalation.critical,
             severity={str(k): v for k, v in {**DEFAULT_SEVERITY, **self.severity}.items()},
-            track_cap=self._track_cap())
+            track_cap=self._track_cap(),
+        )
 
     def _track_cap(self) -> int:
         largest = 1.0
-        for rules in (self.defaults, *self.tenants.values(), *self.workflows.values(),
-                      *self.agents.values(), *self.tools.values()):
+        for rules in (
+            self.defaults,
+            *self.tenants.values(),
+            *self.workflows.values(),
+            *self.agents.values(),
+            *self.tools.values(),
+        ):
             for spec in (rules.limits.run, rules.limits.agent):
                 for limit in (spec.records, spec.tenants, spec.systems):
                     largest = max(largest, float(limit or 0))
@@ -286,12 +311,19 @@ class Policy(BaseModel):
             if key in seen:
                 continue
             seen.add(key)
-            out.append(ControlCommand(
-                command_id="cmd_" + digest(finding.finding_id, mode.value, *key[0]),
-                issued_at=finding.at, action=ControlAction.FREEZE, scope=scope, mode=mode,
-                expires_at=finding.at + self.freeze_ttl if self.freeze_ttl else None,
-                reason=f"{finding.detector} ({finding.severity.value}): {finding.summary}",
-                issuer=self.issuer, cause=finding.finding_id))
+            out.append(
+                ControlCommand(
+                    command_id="cmd_" + digest(finding.finding_id, mode.value, *key[0]),
+                    issued_at=finding.at,
+                    action=ControlAction.FREEZE,
+                    scope=scope,
+                    mode=mode,
+                    expires_at=finding.at + self.freeze_ttl if self.freeze_ttl else None,
+                    reason=f"{finding.detector} ({finding.severity.value}): {finding.summary}",
+                    issuer=self.issuer,
+                    cause=finding.finding_id,
+                )
+            )
         return out
 
 
@@ -315,8 +347,13 @@ def _scope_of(response: Response, finding: Finding) -> tuple[dict[str, str], Fre
     else:
         on = response.scope or finding.subject[0]
         mode = FreezeMode.READ_ONLY if action == "read_only" else FreezeMode.HALT
-    value = {"run": ctx.run, "agent": ctx.agent, "identity": ctx.identity,
-             "workflow": ctx.workflow, "tenant": ctx.tenant}[on]
+    value = {
+        "run": ctx.run,
+        "agent": ctx.agent,
+        "identity": ctx.identity,
+        "workflow": ctx.workflow,
+        "tenant": ctx.tenant,
+    }[on]
     if not value:
         return None
     scope: dict[str, str] = {on: value}
@@ -367,8 +404,9 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise PolicyError(f"{source}:{line}: not valid YAML: {exc.problem or exc}",
-                          file=source, line=line) from exc
+        raise PolicyError(
+            f"{source}:{line}: not valid YAML: {exc.problem or exc}", file=source, line=line
+        ) from exc
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: not valid YAML: {exc}", file=source) from exc
     if root is not None:
@@ -376,20 +414,27 @@ def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise PolicyError(f"{source}:1: a policy is a mapping of keys to values",
-                          file=source, line=1)
+        raise PolicyError(
+            f"{source}:1: a policy is a mapping of keys to values", file=source, line=1
+        )
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
         problems = [_problem(source, root, err) for err in exc.errors()]
         first = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise PolicyError(first[0] + more, file=source, line=first[1], path=first[2],
-                          problems=[p[0] for p in problems]) from None
+        raise PolicyError(
+            first[0] + more,
+            file=source,
+            line=first[1],
+            path=first[2],
+            problems=[p[0] for p in problems],
+        ) from None
 
 
-def _problem(source: str, root: yaml.Node | None, err: Mapping[str, Any]
-             ) -> tuple[str, int | None, str]:
+def _problem(
+    source: str, root: yaml.Node | None, err: Mapping[str, Any]
+) -> tuple[str, int | None, str]:
     loc = tuple(p for p in err.get("loc", ()) if not _is_validator_tag(p))
     path = ".".join(str(p) for p in loc) or "(top level)"
     line = _line_of(root, loc)
@@ -437,8 +482,9 @@ def _refuse_duplicate_keys(node: yaml.Node, source: str, path: tuple[str, ...]) 
             if name in seen:
                 where = ".".join((*path, name))
                 line = key.start_mark.line + 1
-                raise PolicyError(f"{source}:{line}: {where}: duplicate key", file=source,
-                                  line=line, path=where)
+                raise PolicyError(
+                    f"{source}:{line}: {where}: duplicate key", file=source, line=line, path=where
+                )
             seen.add(name)
             _refuse_duplicate_keys(value, source, (*path, name))
     elif isinstance(node, yaml.SequenceNode):

@@ -13,7 +13,9 @@ sampled but does not re-check them.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-from fastavro import block_reader, reader, writer
+from fastavro import block_reader, reader
 from fastavro.schema import to_parsing_canonical_form
 
 from backout.infra.broker import kafka_config
@@ -32,7 +34,7 @@ from backout.processors.engine import Engine, signal_of
 from backout.processors.policy import Policy
 from backout.processors.rules import EventRef, Finding, ScopeState, samplable, sampled
 from backout.schemas import codec
-from backout.schemas.avro_fast import _Gen
+from backout.schemas.avro_fast import _Gen, write_long
 from backout.schemas.errors import ConfigError, DecodeError
 from backout.schemas.events import ActionEvent, ControlCommand
 from backout.schemas.registry import make_codec
@@ -68,8 +70,7 @@ class ReplayResult:
             "events": self.events,
             "findings": [_finding_json(f, self.position) for f in self.findings],
             "commands": [_command_json(c, f, self.position) for c, f in self.commands],
-            "undecodable": [{"position": u.position, "reason": u.reason}
-                            for u in self.undecodable],
+            "undecodable": [{"position": u.position, "reason": u.reason} for u in self.undecodable],
             "sampled": self.sampled,
         }
 
@@ -77,27 +78,42 @@ class ReplayResult:
 def _finding_json(finding: Finding, position: dict[str, int]) -> dict[str, Any]:
     signal = signal_of(finding)
     return {
-        "finding_id": finding.finding_id, "detector": finding.detector,
-        "severity": finding.severity.value, "at": finding.at.isoformat(),
+        "finding_id": finding.finding_id,
+        "detector": finding.detector,
+        "severity": finding.severity.value,
+        "at": finding.at.isoformat(),
         "subject": f"{finding.subject[0]}={finding.subject[1]}",
         "event_id": finding.trigger.event_id,
         "event_index": position.get(finding.trigger.event_id),
-        "summary": finding.summary, "scope": signal.scope,
-        "evidence": [e.event_id for e in signal.evidence], "details": signal.details}
+        "summary": finding.summary,
+        "scope": signal.scope,
+        "evidence": [e.event_id for e in signal.evidence],
+        "details": signal.details,
+    }
 
 
-def _command_json(command: ControlCommand, finding: Finding,
-                  position: dict[str, int]) -> dict[str, Any]:
+def _command_json(
+    command: ControlCommand, finding: Finding, position: dict[str, int]
+) -> dict[str, Any]:
     return {
-        "command_id": command.command_id, "action": command.action.value,
-        "mode": command.mode.value, "scope": command.scope,
+        "command_id": command.command_id,
+        "action": command.action.value,
+        "mode": command.mode.value,
+        "scope": command.scope,
         "expires_at": command.expires_at.isoformat() if command.expires_at else None,
-        "cause": command.cause, "event_id": finding.trigger.event_id,
-        "event_index": position.get(finding.trigger.event_id), "reason": command.reason}
+        "cause": command.cause,
+        "event_id": finding.trigger.event_id,
+        "event_index": position.get(finding.trigger.event_id),
+        "reason": command.reason,
+    }
 
 
-def replay(events: Iterable[tuple[ActionEvent, EventRef]], policy: Policy, *,
-           undecodable: Sequence[Undecodable] = ()) -> ReplayResult:
+def replay(
+    events: Iterable[tuple[ActionEvent, EventRef]],
+    policy: Policy,
+    *,
+    undecodable: Sequence[Undecodable] = (),
+) -> ReplayResult:
     """Fold ``events`` (in order) through the detectors and the policy.
 
     An agent's detectors see only that agent's events, so each agent's events are folded
@@ -116,8 +132,9 @@ def replay(events: Iterable[tuple[ActionEvent, EventRef]], policy: Policy, *,
 
     def flush(agent_id: str) -> None:
         chunk, where = chunks.pop(agent_id), indexes.pop(agent_id)
-        mine = {e.run_id: runs[(agent_id, e.run_id)] for e, _ in chunk
-                if (agent_id, e.run_id) in runs}
+        mine = {
+            e.run_id: runs[(agent_id, e.run_id)] for e, _ in chunk if (agent_id, e.run_id) in runs
+        }
         step = engine.step(agents.get(agent_id, ScopeState()), mine, chunk)
         agents[agent_id] = step.agent
         for run_id, state in step.runs.items():
@@ -152,21 +169,71 @@ def replay(events: Iterable[tuple[ActionEvent, EventRef]], policy: Policy, *,
 
 
 # --- recordings: Avro container files --------------------------------------------------
-def write_container(path: str | Path, events: Iterable[ActionEvent], *,
-                    compression: str = "null") -> int:
-    """Write ``events`` to an Avro object container file; returns how many."""
-    schema = codec.current_schema(ActionEvent).parsed
+def write_container(
+    path: str | Path,
+    events: Iterable[ActionEvent],
+    *,
+    compression: str = "null",
+    block_records: int = 4096,
+) -> int:
+    """Write ``events`` to an Avro object container file; returns how many.
+
+    Bodies come from the codec's compiled writer; the file is a standard container (any
+    Avro reader, fastavro included, reads it). Same events, same bytes: the sync marker
+    derives from the schema.
+
+    Args:
+        compression: ``null`` or ``deflate``.
+        block_records: records per container block.
+    """
+    if compression not in ("null", "deflate"):
+        raise ConfigError(f"unknown Avro container codec {compression!r}: null or deflate")
+    schema = _avsc().encode()
+    sync = hashlib.blake2b(schema, digest_size=16).digest()
+    header = bytearray(b"Obj\x01")
+    write_long(2, header)
+    for key, value in ((b"avro.schema", schema), (b"avro.codec", compression.encode())):
+        write_long(len(key), header)
+        header += key
+        write_long(len(value), header)
+        header += value
+    write_long(0, header)
+    header += sync
     count = 0
-
-    def datums() -> Iterator[dict[str, object]]:
-        nonlocal count
-        for event in events:
-            count += 1
-            yield codec.to_datum(event)
-
     with open(path, "wb") as out:
-        writer(out, schema, datums(), codec=compression)
+        out.write(header)
+        block = bytearray()
+        in_block = 0
+        for event in events:
+            block += codec.encode_body(event)
+            in_block += 1
+            count += 1
+            if in_block >= block_records:
+                _write_block(out, block, in_block, compression, sync)
+                block, in_block = bytearray(), 0
+        if in_block:
+            _write_block(out, block, in_block, compression, sync)
     return count
+
+
+def _write_block(
+    out: BinaryIO, data: bytearray, records: int, compression: str, sync: bytes
+) -> None:
+    payload = bytes(data)
+    if compression == "deflate":
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = packer.compress(payload) + packer.flush()
+    frame = bytearray()
+    write_long(records, frame)
+    write_long(len(payload), frame)
+    out.write(frame)
+    out.write(payload)
+    out.write(sync)
+
+
+@cache
+def _avsc() -> str:
+    return resources.files("backout.schemas").joinpath("ActionEvent.avsc").read_text("utf-8")
 
 
 @cache
@@ -175,8 +242,7 @@ def _read_from() -> Callable[[bytes, int], tuple[ActionEvent, int]]:
     # back, so compile one that starts at a position and says where it stopped.
     gen = _Gen(codec._BINDING)
     gen.emit(0, "def read_from(buf, pos):")
-    avsc = resources.files("backout.schemas").joinpath("ActionEvent.avsc").read_text("utf-8")
-    gen.read(json.loads(avsc), "result", 1)
+    gen.read(json.loads(_avsc()), "result", 1)
     gen.emit(1, "return result, pos")
     namespace = dict(gen.env)
     exec(compile("\n".join(gen.lines), "<replay read_from>", "exec"), namespace)
@@ -200,8 +266,7 @@ def read_container(path: str | Path) -> Iterator[tuple[ActionEvent, EventRef]]:
     try:
         yield from _container_events(stream, path)
     except (ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{str(path)!r} is not an Avro container of ActionEvents: "
-                          f"{exc}") from exc
+        raise ConfigError(f"{str(path)!r} is not an Avro container of ActionEvents: {exc}") from exc
     finally:
         stream.close()
 
@@ -210,7 +275,8 @@ def _container_events(stream: BinaryIO, path: Path) -> Iterator[tuple[ActionEven
     blocks = block_reader(stream)
     written = blocks.writer_schema
     if not isinstance(written, dict) or written.get("name", "").rsplit(".", 1)[-1] != (
-            "ActionEvent"):
+        "ActionEvent"
+    ):
         raise ValueError("its schema is not an ActionEvent record")
     index = 0
     if to_parsing_canonical_form(written) == codec.current_schema(ActionEvent).canonical:
@@ -232,10 +298,15 @@ def _container_events(stream: BinaryIO, path: Path) -> Iterator[tuple[ActionEven
 
 
 # --- recordings: topic ranges -----------------------------------------------------------
-def read_topic(settings: Settings, bootstrap: str, topic: str, *,
-               since: datetime | None = None, until: datetime | None = None,
-               timeout: float = 15.0) -> tuple[list[tuple[ActionEvent, EventRef]],
-                                                list[Undecodable]]:
+def read_topic(
+    settings: Settings,
+    bootstrap: str,
+    topic: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    timeout: float = 15.0,
+) -> tuple[list[tuple[ActionEvent, EventRef]], list[Undecodable]]:
     """The ActionEvents of ``topic`` appended from ``since`` up to ``until`` (or its end now).
 
     Only reads: no consumer group offsets are committed. A partition's end is where the
@@ -247,10 +318,19 @@ def read_topic(settings: Settings, bootstrap: str, topic: str, *,
         ConfigError: the topic does not exist or cannot be read.
     """
     decoder = make_codec(settings.schema_registry_url)
-    consumer = Consumer(kafka_config(settings, bootstrap, **{
-        "group.id": "backout-detect-replay", "enable.auto.commit": False,
-        "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10,
-        "enable.partition.eof": True}))
+    consumer = Consumer(
+        kafka_config(
+            settings,
+            bootstrap,
+            **{
+                "group.id": "backout-detect-replay",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 10,
+                "enable.partition.eof": True,
+            },
+        )
+    )
     since_ms = int(since.timestamp() * 1000) if since is not None else None
     until_ms = int(until.timestamp() * 1000) if until is not None else None
     events: list[tuple[ActionEvent, EventRef]] = []
@@ -302,8 +382,11 @@ def _assign(consumer: Consumer, topic: str, since_ms: int | None, timeout: float
     starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
     if since_ms is not None:  # a hint only: records before ``since`` are skipped anyway
         found = consumer.offsets_for_times(
-            [TopicPartition(topic, p, since_ms) for p in partitions], timeout=timeout)
-        starts = [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0
-                                 else OFFSET_BEGINNING) for tp in found]
+            [TopicPartition(topic, p, since_ms) for p in partitions], timeout=timeout
+        )
+        starts = [
+            TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            for tp in found
+        ]
     consumer.assign(starts)
     return partitions

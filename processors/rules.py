@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,11 +66,25 @@ from backout.schemas.events import (
 )
 
 DetectorName: TypeAlias = Literal[
-    "policy_violation", "failed_postcondition", "tool_uncertainty", "rate_anomaly",
-    "retry_loop", "mutation_volume", "blast_radius", "supervisor_drift"]
+    "policy_violation",
+    "failed_postcondition",
+    "tool_uncertainty",
+    "rate_anomaly",
+    "retry_loop",
+    "mutation_volume",
+    "blast_radius",
+    "supervisor_drift",
+]
 DETECTORS: tuple[DetectorName, ...] = (
-    "policy_violation", "failed_postcondition", "tool_uncertainty", "rate_anomaly",
-    "retry_loop", "mutation_volume", "blast_radius", "supervisor_drift")
+    "policy_violation",
+    "failed_postcondition",
+    "tool_uncertainty",
+    "rate_anomaly",
+    "retry_loop",
+    "mutation_volume",
+    "blast_radius",
+    "supervisor_drift",
+)
 SubjectKind: TypeAlias = Literal["run", "agent"]
 
 LABEL_UNCERTAINTY = "uncertainty"
@@ -84,10 +99,15 @@ LABEL_PARTIAL_FAILURE = "partial_failure"
 """Set when a call only partly succeeded (e.g. ``"3/10"`` items failed)."""
 
 DEFAULT_SEVERITY: dict[DetectorName, Severity] = {
-    "policy_violation": Severity.HIGH, "failed_postcondition": Severity.HIGH,
-    "tool_uncertainty": Severity.MEDIUM, "rate_anomaly": Severity.MEDIUM,
-    "retry_loop": Severity.MEDIUM, "mutation_volume": Severity.MEDIUM,
-    "blast_radius": Severity.HIGH, "supervisor_drift": Severity.HIGH}
+    "policy_violation": Severity.HIGH,
+    "failed_postcondition": Severity.HIGH,
+    "tool_uncertainty": Severity.MEDIUM,
+    "rate_anomaly": Severity.MEDIUM,
+    "retry_loop": Severity.MEDIUM,
+    "mutation_volume": Severity.MEDIUM,
+    "blast_radius": Severity.HIGH,
+    "supervisor_drift": Severity.HIGH,
+}
 """Severity of a finding when no policy says otherwise (windowed ones escalate)."""
 
 WINDOW_BUCKETS = 12
@@ -145,8 +165,12 @@ class EventRef:
     def from_list(cls, value: Sequence[object]) -> EventRef:
         """Inverse of :meth:`to_list`."""
         event_id, topic, partition, offset = value
-        return cls(str(event_id), cast(str | None, topic), cast(int | None, partition),
-                   cast(int | None, offset))
+        return cls(
+            str(event_id),
+            cast(str | None, topic),
+            cast(int | None, partition),
+            cast(int | None, offset),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +188,15 @@ class Context:
     @classmethod
     def of(cls, event: ActionEvent) -> Context:
         """The context of ``event``."""
-        return cls(event.run_id, event.agent_id, event.identity, event.tenant, event.workflow,
-                   event.environment, event.tool)
+        return cls(
+            event.run_id,
+            event.agent_id,
+            event.identity,
+            event.tenant,
+            event.workflow,
+            event.environment,
+            event.tool,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +247,8 @@ class Limits:
     critical_at: float = 5.0
     """Observed/limit ratio from which a windowed finding is ``critical``."""
     severity: Mapping[str, Severity] = field(
-        default_factory=lambda: {str(k): v for k, v in DEFAULT_SEVERITY.items()})
+        default_factory=lambda: {str(k): v for k, v in DEFAULT_SEVERITY.items()}
+    )
     track_cap: int = 10_000
     """Most distinct items a scope tracks per metric (enough to see the critical ratio)."""
 
@@ -261,10 +293,19 @@ class ScopeState:
     def copy(self) -> ScopeState:
         """An independent copy (the detectors never change their input)."""
         return ScopeState(
-            self.bucket_us, self.last_us, dict(self.applied),
-            {k: list(v) for k, v in self.buckets.items()}, dict(self.distinct),
-            dict(self.fired), dict(self.retries), list(self.recent), dict(self.issued),
-            dict(self.runs), self.sums, set())
+            self.bucket_us,
+            self.last_us,
+            dict(self.applied),
+            {k: list(v) for k, v in self.buckets.items()},
+            dict(self.distinct),
+            dict(self.fired),
+            dict(self.retries),
+            list(self.recent),
+            dict(self.issued),
+            dict(self.runs),
+            self.sums,
+            set(),
+        )
 
     def claim(self, ref: EventRef) -> bool:
         """Mark ``ref`` applied; False when it (or a later record) already was."""
@@ -277,11 +318,22 @@ class ScopeState:
 
     def to_bytes(self) -> bytes:
         """Compact JSON."""
-        return json.dumps({
-            "v": _STATE_VERSION, "b": self.bucket_us, "l": self.last_us,
-            "ap": self.applied, "bk": self.buckets, "d": self.distinct, "f": self.fired,
-            "r": self.retries, "rc": self.recent, "i": self.issued, "ru": self.runs},
-            separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "v": _STATE_VERSION,
+                "b": self.bucket_us,
+                "l": self.last_us,
+                "ap": self.applied,
+                "bk": self.buckets,
+                "d": self.distinct,
+                "f": self.fired,
+                "r": self.retries,
+                "rc": self.recent,
+                "i": self.issued,
+                "ru": self.runs,
+            },
+            separators=(",", ":"),
+        ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes | None) -> ScopeState:
@@ -292,9 +344,17 @@ class ScopeState:
         if raw.get("v") != _STATE_VERSION:
             return cls()
         return cls(
-            raw["b"], raw["l"], {int(k): v for k, v in raw["ap"].items()},
-            {int(k): v for k, v in raw["bk"].items()}, raw["d"], raw["f"], raw["r"],
-            raw["rc"], raw["i"], raw["ru"])
+            raw["b"],
+            raw["l"],
+            {int(k): v for k, v in raw["ap"].items()},
+            {int(k): v for k, v in raw["bk"].items()},
+            raw["d"],
+            raw["f"],
+            raw["r"],
+            raw["rc"],
+            raw["i"],
+            raw["ru"],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +372,7 @@ class Detection:
 class _Facts:
     """What the windowed detectors read from one event, computed once."""
 
-    __slots__ = ("event", "record", "ref", "ref_list", "system", "t", "tenant", "value",
-                 "write")
+    __slots__ = ("event", "record", "ref", "ref_list", "system", "t", "tenant", "value", "write")
 
     def __init__(self, event: ActionEvent, ref: EventRef, t: int) -> None:
         self.event = event
@@ -333,8 +392,12 @@ LimitsFor: TypeAlias = Callable[[ActionEvent], Limits]
 
 
 # --- the fold ---------------------------------------------------------------------------
-def detect(agent: ScopeState, runs: Mapping[str, ScopeState],
-           batch: Iterable[tuple[ActionEvent, EventRef]], limits_for: LimitsFor) -> Detection:
+def detect(
+    agent: ScopeState,
+    runs: Mapping[str, ScopeState],
+    batch: Iterable[tuple[ActionEvent, EventRef]],
+    limits_for: LimitsFor,
+) -> Detection:
     """Run every detector over ``batch``, events of one agent, in order.
 
     Args:
@@ -391,8 +454,7 @@ def detect(agent: ScopeState, runs: Mapping[str, ScopeState],
     return Detection(agent, touched, findings, expired, skipped)
 
 
-def _expire_runs(agent: ScopeState, retain_us: int, touched: Mapping[str, ScopeState]
-                 ) -> list[str]:
+def _expire_runs(agent: ScopeState, retain_us: int, touched: Mapping[str, ScopeState]) -> list[str]:
     if not retain_us:
         return []
     horizon = agent.last_us - retain_us
@@ -413,30 +475,68 @@ def event_findings(event: ActionEvent, ref: EventRef, limits: Limits) -> list[Fi
     if event.kind is not EventKind.TOOL_CALL:
         return []
     out: list[Finding] = []
-    attempt = (event.reversibility is not Reversibility.READ_ONLY
-               and event.status is not CallStatus.BLOCKED)
-    if (not event.labels and event.status is not CallStatus.UNKNOWN
-            and (event.confidence is None or limits.min_confidence is None
-                 or event.confidence >= limits.min_confidence)
-            and (not attempt or (limits.allowed_tools is None and limits.allowed_systems is None
-                                 and limits.allowed_tenants is None))):
+    attempt = (
+        event.reversibility is not Reversibility.READ_ONLY
+        and event.status is not CallStatus.BLOCKED
+    )
+    if (
+        not event.labels
+        and event.status is not CallStatus.UNKNOWN
+        and (
+            event.confidence is None
+            or limits.min_confidence is None
+            or event.confidence >= limits.min_confidence
+        )
+        and (
+            not attempt
+            or (
+                limits.allowed_tools is None
+                and limits.allowed_systems is None
+                and limits.allowed_tenants is None
+            )
+        )
+    ):
         return out
     if attempt:
         problems = _violations(event, limits)
         if problems:
-            out.append(_event_finding("policy_violation", event, ref, limits,
-                                      "write outside the policy: " + "; ".join(problems),
-                                      {"violations": "; ".join(problems)}))
-    reasons = _postcondition(event, attempt)
+            out.append(
+                _event_finding(
+                    "policy_violation",
+                    event,
+                    ref,
+                    limits,
+                    "write outside the policy: " + "; ".join(problems),
+                    {"violations": "; ".join(problems)},
+                )
+            )
+    quiet = not event.labels  # most calls: no labels, so only status and confidence matter
+    reasons = (
+        _postcondition(event, attempt) if not quiet or event.status is CallStatus.UNKNOWN else None
+    )
     if reasons:
-        out.append(_event_finding("failed_postcondition", event, ref, limits,
-                                  "postcondition: " + "; ".join(reasons),
-                                  {"reasons": "; ".join(reasons)}))
-    flags = _uncertainty(event, limits)
+        out.append(
+            _event_finding(
+                "failed_postcondition",
+                event,
+                ref,
+                limits,
+                "postcondition: " + "; ".join(reasons),
+                {"reasons": "; ".join(reasons)},
+            )
+        )
+    flags = _uncertainty(event, limits) if not quiet or event.confidence is not None else None
     if flags:
-        out.append(_event_finding("tool_uncertainty", event, ref, limits,
-                                  f"tool {event.tool!r} is unsure: " + ", ".join(flags),
-                                  {"flags": ",".join(flags)}))
+        out.append(
+            _event_finding(
+                "tool_uncertainty",
+                event,
+                ref,
+                limits,
+                f"tool {event.tool!r} is unsure: " + ", ".join(flags),
+                {"flags": ",".join(flags)},
+            )
+        )
     return out
 
 
@@ -445,8 +545,11 @@ def _violations(event: ActionEvent, limits: Limits) -> list[str]:
     if limits.allowed_tools is not None and event.tool not in limits.allowed_tools:
         problems.append(f"tool {event.tool!r} not allowed")
     system = event.target.system if event.target is not None else None
-    if (limits.allowed_systems is not None and system is not None
-            and system not in limits.allowed_systems):
+    if (
+        limits.allowed_systems is not None
+        and system is not None
+        and system not in limits.allowed_systems
+    ):
         problems.append(f"system {system!r} not allowed")
     if limits.allowed_tenants is not None and event.tenant not in limits.allowed_tenants:
         problems.append(f"tenant {event.tenant!r} not allowed")
@@ -468,25 +571,49 @@ def _postcondition(event: ActionEvent, attempt: bool) -> list[str]:
 
 def _uncertainty(event: ActionEvent, limits: Limits) -> list[str]:
     flags = [f.strip() for f in event.labels.get(LABEL_UNCERTAINTY, "").split(",") if f.strip()]
-    if (limits.min_confidence is not None and event.confidence is not None
-            and event.confidence < limits.min_confidence and "low_confidence" not in flags):
+    if (
+        limits.min_confidence is not None
+        and event.confidence is not None
+        and event.confidence < limits.min_confidence
+        and "low_confidence" not in flags
+    ):
         flags.insert(0, "low_confidence")
     if "low_confidence" in flags and event.confidence is not None:
         flags[flags.index("low_confidence")] = f"low_confidence={event.confidence:g}"
     return flags
 
 
-def _event_finding(detector: DetectorName, event: ActionEvent, ref: EventRef, limits: Limits,
-                   summary: str, details: dict[str, str]) -> Finding:
+def _event_finding(
+    detector: DetectorName,
+    event: ActionEvent,
+    ref: EventRef,
+    limits: Limits,
+    summary: str,
+    details: dict[str, str],
+) -> Finding:
     return Finding(
-        "f_" + digest(detector, event.event_id), detector, limits.severity[detector],
-        event.occurred_at, ("run", event.run_id), Context.of(event), summary, ref, (ref,),
-        details)
+        "f_" + digest(detector, event.event_id),
+        detector,
+        limits.severity[detector],
+        event.occurred_at,
+        ("run", event.run_id),
+        Context.of(event),
+        summary,
+        ref,
+        (ref,),
+        details,
+    )
 
 
 # --- windowed detectors -----------------------------------------------------------------
-def _observe(state: ScopeState, subject: tuple[SubjectKind, str], lim: ScopeLimits,
-             facts: _Facts, limits: Limits, out: list[Finding]) -> None:
+def _observe(
+    state: ScopeState,
+    subject: tuple[SubjectKind, str],
+    lim: ScopeLimits,
+    facts: _Facts,
+    limits: Limits,
+    out: list[Finding],
+) -> None:
     bucket_us = limits.bucket_us
     if state.bucket_us != bucket_us:  # the window changed: counts in old buckets are moot
         state.bucket_us, state.buckets, state.distinct, state.sums = bucket_us, {}, {}, None
@@ -504,32 +631,79 @@ def _observe(state: ScopeState, subject: tuple[SubjectKind, str], lim: ScopeLimi
         moved = facts.value if write else 0.0
         calls, total = _bucket_add(state, t, moved, window, bucket_us)
         if lim.actions is not None and calls > lim.actions:
-            _fire(state, "rate_anomaly", "actions", subject, calls, lim.actions, facts,
-                  limits, f"{calls:g} tool calls in {_secs(window)}", out)
+            _fire(
+                state,
+                "rate_anomaly",
+                "actions",
+                subject,
+                calls,
+                lim.actions,
+                facts,
+                limits,
+                f"{calls:g} tool calls in {_secs(window)}",
+                out,
+            )
         if write and lim.value is not None and moved and total > lim.value:
-            _fire(state, "mutation_volume", "value", subject, total, lim.value, facts, limits,
-                  f"value moved {total:g} in {_secs(window)}", out)
+            _fire(
+                state,
+                "mutation_volume",
+                "value",
+                subject,
+                total,
+                lim.value,
+                facts,
+                limits,
+                f"value moved {total:g} in {_secs(window)}",
+                out,
+            )
     if not write:
         return
     cap = limits.track_cap
     if lim.records is not None and facts.record is not None:
-        count = _distinct_add(_owned(state, "records"), facts.record, t, window, lim.records,
-                              cap)
+        count = _distinct_add(_owned(state, "records"), facts.record, t, window, lim.records, cap)
         if count > lim.records:
-            _fire(state, "mutation_volume", "records", subject, count, lim.records, facts,
-                  limits, f"{count} distinct records written in {_secs(window)}", out)
+            _fire(
+                state,
+                "mutation_volume",
+                "records",
+                subject,
+                count,
+                lim.records,
+                facts,
+                limits,
+                f"{count} distinct records written in {_secs(window)}",
+                out,
+            )
     if lim.tenants is not None and facts.tenant is not None:
-        count = _distinct_add(_owned(state, "tenants"), facts.tenant, t, window, lim.tenants,
-                              cap)
+        count = _distinct_add(_owned(state, "tenants"), facts.tenant, t, window, lim.tenants, cap)
         if count > lim.tenants:
-            _fire(state, "blast_radius", "tenants", subject, count, lim.tenants, facts,
-                  limits, f"{count} distinct tenants written in {_secs(window)}", out)
+            _fire(
+                state,
+                "blast_radius",
+                "tenants",
+                subject,
+                count,
+                lim.tenants,
+                facts,
+                limits,
+                f"{count} distinct tenants written in {_secs(window)}",
+                out,
+            )
     if lim.systems is not None and facts.system is not None:
-        count = _distinct_add(_owned(state, "systems"), facts.system, t, window, lim.systems,
-                              cap)
+        count = _distinct_add(_owned(state, "systems"), facts.system, t, window, lim.systems, cap)
         if count > lim.systems:
-            _fire(state, "blast_radius", "systems", subject, count, lim.systems, facts,
-                  limits, f"{count} distinct systems written in {_secs(window)}", out)
+            _fire(
+                state,
+                "blast_radius",
+                "systems",
+                subject,
+                count,
+                lim.systems,
+                facts,
+                limits,
+                f"{count} distinct systems written in {_secs(window)}",
+                out,
+            )
 
 
 def _owned(state: ScopeState, metric: str) -> dict[str, int]:
@@ -542,35 +716,65 @@ def _owned(state: ScopeState, metric: str) -> dict[str, int]:
     return seen
 
 
-def _retry(run: ScopeState, subject: tuple[SubjectKind, str], facts: _Facts, limits: Limits,
-           out: list[Finding]) -> None:
+def _retry(
+    run: ScopeState,
+    subject: tuple[SubjectKind, str],
+    facts: _Facts,
+    limits: Limits,
+    out: list[Finding],
+) -> None:
     assert limits.retry_loop is not None
     event, t = facts.event, facts.t
     args = event.approved_args if event.approved_args is not None else event.requested_args
     target = facts.record or ""
-    fp = f"{event.tool}|{target}|" + json.dumps(args, sort_keys=True, separators=(",", ":"))
-    if len(fp) > 64:
-        fp = digest(fp)
+    call = f"{event.tool}|{target}|" + json.dumps(args, sort_keys=True, separators=(",", ":"))
+    # 64 bits of two C checksums: stable across processes, far cheaper than a digest,
+    # and a run tracks at most RETRY_FINGERPRINTS calls, so a collision is negligible
+    data = call.encode()
+    fp = f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
     entry = run.retries.pop(fp, None)
     if entry is None or t - cast(int, entry[1]) >= limits.window_us:
         count, first = 1, t
         refs: list[object] = [facts.ref_list]
     else:
         count, first = cast(int, entry[0]) + 1, cast(int, entry[1])
-        refs = [*cast(list[object], entry[2])[-(RETRY_REFS - 1):], facts.ref_list]
+        refs = [*cast(list[object], entry[2])[-(RETRY_REFS - 1) :], facts.ref_list]
     run.retries[fp] = [count, first, refs]
     if len(run.retries) > RETRY_FINGERPRINTS:
         del run.retries[next(iter(run.retries))]
     if count >= limits.retry_loop:
-        _fire(run, "retry_loop", fp, subject, count, limits.retry_loop, facts, limits,
-              f"{event.tool}({target}) called {count} times with the same arguments in "
-              f"{_secs(limits.window_us)}", out, refs=refs, inclusive=True)  # nested ref lists
+        _fire(
+            run,
+            "retry_loop",
+            fp,
+            subject,
+            count,
+            limits.retry_loop,
+            facts,
+            limits,
+            f"{event.tool}({target}) called {count} times with the same arguments in "
+            f"{_secs(limits.window_us)}",
+            out,
+            refs=refs,
+            inclusive=True,
+        )  # nested ref lists
 
 
-def _fire(state: ScopeState, detector: DetectorName, metric: str,
-          subject: tuple[SubjectKind, str], observed: float, limit: float, facts: _Facts,
-          limits: Limits, what: str, out: list[Finding], *,
-          refs: list[object] | None = None, inclusive: bool = False) -> None:
+def _fire(
+    state: ScopeState,
+    detector: DetectorName,
+    metric: str,
+    subject: tuple[SubjectKind, str],
+    observed: float,
+    limit: float,
+    facts: _Facts,
+    limits: Limits,
+    what: str,
+    out: list[Finding],
+    *,
+    refs: list[object] | None = None,
+    inclusive: bool = False,
+) -> None:
     """Add a finding when ``observed`` reaches a new level, or the last one went quiet."""
     base = limits.severity[detector]
     ratio = observed / limit
@@ -595,16 +799,30 @@ def _fire(state: ScopeState, detector: DetectorName, metric: str,
     evidence = tuple(EventRef.from_list(cast(Sequence[object], r)[:4]) for r in refs)
     shown_metric = "calls" if detector == "retry_loop" else metric
     limit_text = f"{limit:g}" + ("" if inclusive else " max")
-    out.append(Finding(
-        "f_" + digest(detector, metric, subject[0], subject[1], level.value, event.event_id),
-        detector, level, event.occurred_at, subject, Context.of(event),
-        f"{subject[0]} {subject[1]}: {what} (limit {limit_text})", facts.ref, evidence,
-        {"metric": shown_metric, "observed": f"{observed:g}", "limit": f"{limit:g}",
-         "window_s": f"{limits.window_us / 1e6:g}"}))
+    out.append(
+        Finding(
+            "f_" + digest(detector, metric, subject[0], subject[1], level.value, event.event_id),
+            detector,
+            level,
+            event.occurred_at,
+            subject,
+            Context.of(event),
+            f"{subject[0]} {subject[1]}: {what} (limit {limit_text})",
+            facts.ref,
+            evidence,
+            {
+                "metric": shown_metric,
+                "observed": f"{observed:g}",
+                "limit": f"{limit:g}",
+                "window_s": f"{limits.window_us / 1e6:g}",
+            },
+        )
+    )
 
 
-def _bucket_add(state: ScopeState, t: int, moved: float, window: int,
-                width: int) -> tuple[float, float]:
+def _bucket_add(
+    state: ScopeState, t: int, moved: float, window: int, width: int
+) -> tuple[float, float]:
     """Count a call (moving ``moved``) at ``t``; weighted sums over ``(t - window, t]``.
 
     The sum over the buckets strictly inside the window, newest excluded, is cached on
@@ -643,8 +861,9 @@ def _bucket_add(state: ScopeState, t: int, moved: float, window: int,
     return calls, total
 
 
-def _distinct_add(seen: dict[str, int], item: str, t: int, window: int, limit: int,
-                  cap: int) -> int:
+def _distinct_add(
+    seen: dict[str, int], item: str, t: int, window: int, limit: int, cap: int
+) -> int:
     """Record ``item`` at ``t``; the distinct items seen in ``(t - window, t]`` when that
     may be over ``limit`` (a lower bound otherwise: stale items are only pruned then)."""
     seen.pop(item, None)
@@ -669,9 +888,13 @@ def _secs(us: int) -> str:
 # --- supervisor sampling ----------------------------------------------------------------
 def samplable(event: ActionEvent) -> bool:
     """True for a succeeded write whose after-image the supervisor can re-check."""
-    return (event.kind is EventKind.TOOL_CALL and event.status is CallStatus.SUCCEEDED
-            and event.reversibility is not Reversibility.READ_ONLY
-            and event.target is not None and event.after is not None)
+    return (
+        event.kind is EventKind.TOOL_CALL
+        and event.status is CallStatus.SUCCEEDED
+        and event.reversibility is not Reversibility.READ_ONLY
+        and event.target is not None
+        and event.after is not None
+    )
 
 
 def sampled(event_id: str, share: float) -> bool:
@@ -690,13 +913,19 @@ def drift(expected: RecordImage, live: RecordImage) -> dict[str, str]:
         return {"exists": f"expected {expected.exists}, live {live.exists}"}
     if not expected.exists:
         return {}
-    return {name: f"expected {value!r}, live {live.fields.get(name)!r}"
-            for name, value in sorted(expected.fields.items())
-            if live.fields.get(name) != value}
+    return {
+        name: f"expected {value!r}, live {live.fields.get(name)!r}"
+        for name, value in sorted(expected.fields.items())
+        if live.fields.get(name) != value
+    }
 
 
-def drift_finding(event: ActionEvent, ref: EventRef, live: RecordImage,
-                  severity: Severity = DEFAULT_SEVERITY["supervisor_drift"]) -> Finding | None:
+def drift_finding(
+    event: ActionEvent,
+    ref: EventRef,
+    live: RecordImage,
+    severity: Severity = DEFAULT_SEVERITY["supervisor_drift"],
+) -> Finding | None:
     """A ``supervisor_drift`` finding when the live record no longer matches ``event``.
 
     The caller re-reads the record through its Target and only asks about the newest
@@ -709,7 +938,14 @@ def drift_finding(event: ActionEvent, ref: EventRef, live: RecordImage,
         return None
     fields = ", ".join(sorted(changed))
     return Finding(
-        "f_" + digest("supervisor_drift", event.event_id), "supervisor_drift", severity,
-        event.occurred_at, ("run", event.run_id), Context.of(event),
-        f"{event.target.key} drifted from what {event.tool!r} wrote: {fields}", ref, (ref,),
-        {"target": event.target.key, **{f"field.{k}": v for k, v in changed.items()}})
+        "f_" + digest("supervisor_drift", event.event_id),
+        "supervisor_drift",
+        severity,
+        event.occurred_at,
+        ("run", event.run_id),
+        Context.of(event),
+        f"{event.target.key} drifted from what {event.tool!r} wrote: {fields}",
+        ref,
+        (ref,),
+        {"target": event.target.key, **{f"field.{k}": v for k, v in changed.items()}},
+    )

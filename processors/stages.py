@@ -2,7 +2,8 @@
 [adapter: codec, signing; output through the ``Outbox`` and ``StateStore`` ports]
 
 ``RouteStage`` reads the actions topic (keyed by record) and forwards each record's
-bytes, batched per agent, to the routed topic. ``DetectStage`` reads the routed topic,
+bytes to the routed topic, batched per routed partition (an agent's records always go
+to the same partition). ``DetectStage`` reads the routed topic,
 decodes each record once, folds it through the :class:`~backout.processors.engine.Engine`
 with the agent's and its runs' states from the ``StateStore``, publishes a Signal per
 finding and a signed ControlCommand per response, and then stores the new states.
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from backout.processors.engine import Engine, Step, command_key, signal_key, signal_of
-from backout.processors.envelope import Routed, pack, route_fields, unpack
+from backout.processors.envelope import Routed, pack, partition_for, route_fields, unpack
 from backout.processors.rules import EventRef, Finding, ScopeState
 from backout.schemas.errors import DecodeError
 from backout.schemas.events import ActionEvent, ControlCommand
@@ -71,9 +72,16 @@ class Record:
 class Outbox(Protocol):
     """Where stages publish records."""
 
-    def send(self, topic: str, key: bytes | None, value: bytes,
-             headers: Headers | None = None) -> Awaitable[object]:
-        """Queue a record; the awaitable completes once the broker acknowledged it."""
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> Awaitable[object]:
+        """Queue a record (to ``partition``, else by key); the awaitable completes once the
+        broker acknowledged it."""
         ...
 
 
@@ -124,9 +132,18 @@ class Emitter:
         ledger: command ids already published (None: send every command).
     """
 
-    def __init__(self, outbox: Outbox, codec: Codec, key: SigningKey, *,
-                 signals: str, control: str, dlq: str, ledger: Ledger | None,
-                 stats: Stats) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        codec: Codec,
+        key: SigningKey,
+        *,
+        signals: str,
+        control: str,
+        dlq: str,
+        ledger: Ledger | None,
+        stats: Stats,
+    ) -> None:
         self._outbox = outbox
         self._codec = codec
         self._key = key
@@ -137,8 +154,9 @@ class Emitter:
     def finding(self, finding: Finding) -> Awaitable[object]:
         """Publish the Signal of ``finding``."""
         self.stats.findings += 1
-        return self._outbox.send(self._signals, signal_key(finding).encode(),
-                                 self._codec.encode(signal_of(finding)))
+        return self._outbox.send(
+            self._signals, signal_key(finding).encode(), self._codec.encode(signal_of(finding))
+        )
 
     def command(self, command: ControlCommand) -> Awaitable[object] | None:
         """Sign and publish ``command``, unless the control topic already has its id."""
@@ -147,14 +165,16 @@ class Emitter:
             return None
         signed = sign(command, self._key)
         self.stats.commands += 1
-        sent = self._outbox.send(self._control, command_key(signed).encode(),
-                                 self._codec.encode(signed))
+        sent = self._outbox.send(
+            self._control, command_key(signed).encode(), self._codec.encode(signed)
+        )
         if self._ledger is not None:
             self._ledger.add(command.command_id)
         return sent
 
-    def outcome(self, findings: Iterable[Finding],
-                commands: Iterable[tuple[ControlCommand, Finding]]) -> list[Awaitable[object]]:
+    def outcome(
+        self, findings: Iterable[Finding], commands: Iterable[tuple[ControlCommand, Finding]]
+    ) -> list[Awaitable[object]]:
         """Publish every finding's signal and every command."""
         sent = [self.finding(f) for f in findings]
         for command, _ in commands:
@@ -163,17 +183,29 @@ class Emitter:
                 sent.append(future)
         return sent
 
-    def dead_letter(self, record: Record, reason: str, stage: str, *,
-                    value: bytes | None = None, source: str | None = None
-                    ) -> Awaitable[object]:
+    def dead_letter(
+        self,
+        record: Record,
+        reason: str,
+        stage: str,
+        *,
+        value: bytes | None = None,
+        source: str | None = None,
+    ) -> Awaitable[object]:
         """Park ``record`` (or ``value`` taken from it) on the dead-letter topic."""
         self.stats.dead_letters += 1
         where = source or record.position
         log.warning("dead-lettering %s (%s): %s", where, stage, reason)
         return self._outbox.send(
-            self._dlq, record.key, value if value is not None else (record.value or b""),
-            headers=[(DLQ_REASON, reason.encode()), (DLQ_FROM, where.encode()),
-                     (DLQ_CONSUMER, f"processors:{stage}".encode())])
+            self._dlq,
+            record.key,
+            value if value is not None else (record.value or b""),
+            headers=[
+                (DLQ_REASON, reason.encode()),
+                (DLQ_FROM, where.encode()),
+                (DLQ_CONSUMER, f"processors:{stage}".encode()),
+            ],
+        )
 
 
 class Sampler(Protocol):
@@ -185,10 +217,20 @@ class Sampler(Protocol):
 
 
 class RouteStage:
-    """Forwards action records to the routed topic, batched per agent."""
+    """Forwards action records to the routed topic, one batch per routed partition."""
 
-    def __init__(self, outbox: Outbox, emitter: Emitter, codec: Codec, *, routed: str,
-                 envelope_bytes: int = 512 * 1024, sampler: Sampler | None = None) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        emitter: Emitter,
+        codec: Codec,
+        *,
+        routed: str,
+        partitions: int,
+        envelope_bytes: int = 512 * 1024,
+        sampler: Sampler | None = None,
+    ) -> None:
+        self._partitions = partitions
         self._outbox = outbox
         self._emitter = emitter
         self._codec = codec
@@ -202,8 +244,9 @@ class RouteStage:
 
     def process(self, records: Sequence[Record]) -> list[Awaitable[object]]:
         """Route ``records``; returns the acknowledgements of what was sent."""
-        groups: dict[str, list[Routed]] = {}
+        groups: dict[int, list[Routed]] = {}
         pending: list[Awaitable[object]] = []
+        where: dict[str, int] = {}
         for record in records:
             raw = record.value
             if not raw:
@@ -217,12 +260,16 @@ class RouteStage:
                     pending.append(self._emitter.dead_letter(record, exc.reason, "route"))
                     continue
                 fields = (event.event_id, event.agent_id)
-            groups.setdefault(fields[1], []).append((record.partition, record.offset, raw))
+            agent = fields[1]
+            partition = where.get(agent)
+            if partition is None:
+                partition = where[agent] = partition_for(agent, self._partitions)
+            groups.setdefault(partition, []).append((record.partition, record.offset, raw))
             if self._sampler is not None:
                 self._sampler.observe(record, fields[0], event)
-        for agent, items in groups.items():
+        for partition, items in groups.items():
             for blob in self._split(items):
-                pending.append(self._outbox.send(self._routed, agent.encode(), blob))
+                pending.append(self._outbox.send(self._routed, None, blob, partition=partition))
         self._emitter.stats.routed += sum(len(items) for items in groups.values())
         return pending
 
@@ -267,8 +314,16 @@ class DetectStage:
         max_cached: clean states kept decoded in memory after a checkpoint.
     """
 
-    def __init__(self, engine: Engine, emitter: Emitter, store: StateStore, codec: Codec, *,
-                 actions: str, max_cached: int = 50_000) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        emitter: Emitter,
+        store: StateStore,
+        codec: Codec,
+        *,
+        actions: str,
+        max_cached: int = 5_000,
+    ) -> None:
         self._engine = engine
         self._emitter = emitter
         self._store = store
@@ -300,15 +355,22 @@ class DetectStage:
                 try:
                     event = self._codec.decode(raw, ActionEvent)
                 except DecodeError as exc:
-                    pending.append(self._emitter.dead_letter(
-                        record, exc.reason, "detect", value=raw,
-                        source=f"{self._actions}/{partition}@{offset}"))
+                    pending.append(
+                        self._emitter.dead_letter(
+                            record,
+                            exc.reason,
+                            "detect",
+                            value=raw,
+                            source=f"{self._actions}/{partition}@{offset}",
+                        )
+                    )
                     continue
                 group = groups.get(event.agent_id)
                 if group is None:
                     group = groups[event.agent_id] = _Group(record.partition)
-                group.batch.append((event, EventRef(event.event_id, self._actions, partition,
-                                                    offset)))
+                group.batch.append(
+                    (event, EventRef(event.event_id, self._actions, partition, offset))
+                )
         for agent, group in groups.items():
             step = self._step(agent, group.batch)
             pending.extend(self._emitter.outcome(step.findings, step.commands))

@@ -60,10 +60,19 @@ class Supervisor:
         clock: monotonic seconds (a fake in tests).
     """
 
-    def __init__(self, spec: SupervisorSpec, targets: Iterable[Target], engine: Engine,
-                 emitter: Emitter, codec: Codec, *, actions: str, severity: Severity,
-                 confirm_after_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        spec: SupervisorSpec,
+        targets: Iterable[Target],
+        engine: Engine,
+        emitter: Emitter,
+        codec: Codec,
+        *,
+        actions: str,
+        severity: Severity,
+        confirm_after_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._share = spec.share
         self._recheck_after = spec.recheck_after.total_seconds()
         self._max_pending = spec.max_pending
@@ -110,8 +119,9 @@ class Supervisor:
         if waiting is None:
             self._emitter.stats.sampled += 1
         ref = EventRef(event.event_id, self._actions, record.partition, record.offset)
-        self._pending[key] = _Pending(event, ref, record.partition,
-                                      self._clock() + self._recheck_after)
+        self._pending[key] = _Pending(
+            event, ref, record.partition, self._clock() + self._recheck_after
+        )
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Drop checks of records on partitions this worker no longer reads."""

@@ -31,23 +31,31 @@ class Clock:
         self.step = step
         self._ids = itertools.count(1)
 
-    def event(self, *, at: datetime | None = None, advance: float | None = None,
-              **fields: Any) -> ActionEvent:
+    def event(
+        self, *, at: datetime | None = None, advance: float | None = None, **fields: Any
+    ) -> ActionEvent:
         """An ActionEvent: a succeeded reversible write by ``agent`` in ``run`` unless told."""
         self.now = at or self.now + timedelta(seconds=self.step if advance is None else advance)
         n = next(self._ids)
         object_id = fields.pop("object_id", f"inv_{n}")
         system = fields.pop("system", "erp")
         base: dict[str, Any] = {
-            "event_id": f"ev{n:06d}", "occurred_at": self.now, "run_id": "run-1",
-            "agent_id": "billing-bot", "identity": "svc-billing", "tenant": "acme",
-            "workflow": "close-books", "step_id": f"step-{n}", "tool": "set_status",
+            "event_id": f"ev{n:06d}",
+            "occurred_at": self.now,
+            "run_id": "run-1",
+            "agent_id": "billing-bot",
+            "identity": "svc-billing",
+            "tenant": "acme",
+            "workflow": "close-books",
+            "step_id": f"step-{n}",
+            "tool": "set_status",
             "requested_args": {"invoice_id": object_id, "status": "void"},
             "target": TargetRef(system=system, object_id=object_id),
             "reversibility": Reversibility.REVERSIBLE,
             "before": RecordImage(exists=True, fields={"status": "open"}, version=1),
             "after": RecordImage(exists=True, fields={"status": "void"}, version=2),
-            "idempotency_key": f"idem-{n}", "status": CallStatus.SUCCEEDED,
+            "idempotency_key": f"idem-{n}",
+            "status": CallStatus.SUCCEEDED,
         }
         base.update(fields)
         return ActionEvent(**base)
@@ -73,14 +81,16 @@ def policy(text: str = "version: 1\n") -> Policy:
     return parse_policy(text, source="<test>")
 
 
-def refs(events: Iterable[ActionEvent], *, partition: int | None = 0,
-         topic: str | None = "t.actions") -> list[tuple[ActionEvent, EventRef]]:
+def refs(
+    events: Iterable[ActionEvent], *, partition: int | None = 0, topic: str | None = "t.actions"
+) -> list[tuple[ActionEvent, EventRef]]:
     """Events with positions: offsets in order on one partition."""
     return [(e, EventRef(e.event_id, topic, partition, i)) for i, e in enumerate(events)]
 
 
-def fold(pol: Policy, events: Iterable[ActionEvent], *, batch: int | None = None
-         ) -> tuple[list[Finding], list[tuple[ControlCommand, Finding]]]:
+def fold(
+    pol: Policy, events: Iterable[ActionEvent], *, batch: int | None = None
+) -> tuple[list[Finding], list[tuple[ControlCommand, Finding]]]:
     """Fold ``events`` through an engine per agent, ``batch`` events at a time (all: None)."""
     engine = Engine(pol)
     agents: dict[str, ScopeState] = {}
@@ -90,13 +100,16 @@ def fold(pol: Policy, events: Iterable[ActionEvent], *, batch: int | None = None
     items = refs(events)
     size = batch or max(1, len(items))
     for start in range(0, len(items), size):
-        chunk = items[start:start + size]
+        chunk = items[start : start + size]
         by_agent: dict[str, list[tuple[ActionEvent, EventRef]]] = {}
         for item in chunk:
             by_agent.setdefault(item[0].agent_id, []).append(item)
         for agent_id, mine in by_agent.items():
-            states = {e.run_id: runs[(agent_id, e.run_id)] for e, _ in mine
-                      if (agent_id, e.run_id) in runs}
+            states = {
+                e.run_id: runs[(agent_id, e.run_id)]
+                for e, _ in mine
+                if (agent_id, e.run_id) in runs
+            }
             step = engine.step(agents.get(agent_id, ScopeState()), states, mine)
             agents[agent_id] = step.agent
             for run_id, state in step.runs.items():

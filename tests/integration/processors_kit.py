@@ -25,15 +25,17 @@ T = TypeVar("T")
 def worker_env(settings: Settings, key_file: Path, trusted: dict[str, str]) -> dict[str, str]:
     """The environment a ``backout processors`` child needs for ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKOUT_")}
-    env.update({
-        "BACKOUT_BOOTSTRAP": settings.bootstrap or "",
-        "BACKOUT_TOPIC_PREFIX": settings.topic_prefix,
-        "BACKOUT_ACTIONS_PARTITIONS": str(settings.actions_partitions),
-        "BACKOUT_STATE_DIR": str(settings.state_dir),
-        "BACKOUT_SIGNING_KEY_FILE": str(key_file),
-        "BACKOUT_TRUSTED_KEYS": json.dumps(trusted),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "BACKOUT_BOOTSTRAP": settings.bootstrap or "",
+            "BACKOUT_TOPIC_PREFIX": settings.topic_prefix,
+            "BACKOUT_ACTIONS_PARTITIONS": str(settings.actions_partitions),
+            "BACKOUT_STATE_DIR": str(settings.state_dir),
+            "BACKOUT_SIGNING_KEY_FILE": str(key_file),
+            "BACKOUT_TRUSTED_KEYS": json.dumps(trusted),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -54,8 +56,11 @@ class Workers:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "backout.infra.cli", "processors", *self.args, *extra],
-                env=worker_env(self.settings, self.key_file, self.trusted), stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                env=worker_env(self.settings, self.key_file, self.trusted),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def kill(self) -> None:
@@ -77,8 +82,13 @@ class Workers:
         return self.log.read_text(errors="replace")
 
 
-def produce(settings: Settings, events: Iterable[ActionEvent], *,
-            raw: Iterable[tuple[bytes, bytes]] = (), rate: float | None = None) -> None:
+def produce(
+    settings: Settings,
+    events: Iterable[ActionEvent],
+    *,
+    raw: Iterable[tuple[bytes, bytes]] = (),
+    rate: float | None = None,
+) -> None:
     """Publish ``raw`` (key, value) pairs, then ``events``, optionally at ``rate`` per second."""
     producer = Producer({"bootstrap.servers": settings.bootstrap, "linger.ms": 2})
     topic = settings.topic("actions")
@@ -98,12 +108,20 @@ def produce(settings: Settings, events: Iterable[ActionEvent], *,
 def read_all(settings: Settings, short: str) -> list[Any]:
     """Every record now on one of backout's topics, as consumer messages."""
     topic = settings.topic(short)
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": "test-reader",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap,
+            "group.id": "test-reader",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in parts}
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in parts
+        }
         consumer.assign([TopicPartition(topic, p, 0) for p in parts if ends[p] > 0])
         out: list[Any] = []
         deadline = time.monotonic() + 20

@@ -53,7 +53,8 @@ def _commands(settings: Settings) -> list[ControlCommand]:
 
 
 def test_a_worker_emits_a_signal_and_a_signed_freeze_and_dead_letters_garbage(
-        kafka_settings: Settings, tmp_path: Path, policy_file: Path) -> None:
+    kafka_settings: Settings, tmp_path: Path, policy_file: Path
+) -> None:
     workers = Workers(kafka_settings, tmp_path, "--policy", str(policy_file)).start()
     try:
         offending = Clock().event(tenant="globex", run_id="run-bad")
@@ -67,7 +68,10 @@ def test_a_worker_emits_a_signal_and_a_signed_freeze_and_dead_letters_garbage(
         command = wait_for(lambda: _commands(kafka_settings), 30, "a freeze")[0]
         verify(command, workers.trusted)
         assert (command.scope, command.mode, command.cause) == (
-            {"run": "run-bad"}, FreezeMode.HALT, signal.signal_id)
+            {"run": "run-bad"},
+            FreezeMode.HALT,
+            signal.signal_id,
+        )
         [letter] = wait_for(lambda: read_all(kafka_settings, "dlq"), 30, "a dead letter")
         headers = dict(letter.headers())
         assert letter.value() == b"definitely not avro"
@@ -88,14 +92,19 @@ def _stream(runs: int) -> list[ActionEvent]:
     for n in range(runs):
         run = f"run-{n:04d}"
         events.append(clock.event(run_id=run, tenant="evil", object_id=f"x-{n}"))
-        events += [clock.event(run_id=run, object_id=f"loop-{n}",
-                               requested_args={"invoice_id": f"loop-{n}"}) for _ in range(3)]
+        events += [
+            clock.event(
+                run_id=run, object_id=f"loop-{n}", requested_args={"invoice_id": f"loop-{n}"}
+            )
+            for _ in range(3)
+        ]
         events += [clock.event(run_id=run) for _ in range(4)]
     return events
 
 
 def test_a_worker_killed_mid_stream_loses_no_finding_and_duplicates_none(
-        kafka_settings: Settings, tmp_path: Path, policy_file: Path) -> None:
+    kafka_settings: Settings, tmp_path: Path, policy_file: Path
+) -> None:
     events = _stream(300)
     expected = replay([(e, EventRef(e.event_id)) for e in events], load_policy(policy_file))
     expected_signals = {f.finding_id for f in expected.findings}
@@ -106,8 +115,9 @@ def test_a_worker_killed_mid_stream_loses_no_finding_and_duplicates_none(
     try:
         produce(kafka_settings, events[:8])  # the first run: the worker is up once it fired
         wait_for(lambda: len(read_all(kafka_settings, "control")) == 2, 90, "the first run")
-        stream = threading.Thread(target=produce, args=(kafka_settings, events[8:]),
-                                  kwargs={"rate": 300})  # about 8 s of stream ...
+        stream = threading.Thread(
+            target=produce, args=(kafka_settings, events[8:]), kwargs={"rate": 300}
+        )  # about 8 s of stream ...
         stream.start()
         wait_for(lambda: len(read_all(kafka_settings, "control")) > 100, 60, "progress")
         workers.kill()  # ... killed part way through it
@@ -115,10 +125,16 @@ def test_a_worker_killed_mid_stream_loses_no_finding_and_duplicates_none(
         assert len(before) < len(expected_commands)
         workers.start()
         stream.join()
-        wait_for(lambda: {s.signal_id for s in _signals(kafka_settings)} >= expected_signals,
-                 120, "every finding after the restart")
-        wait_for(lambda: {c.command_id for c in _commands(kafka_settings)}
-                 >= expected_commands, 30, "every freeze after the restart")
+        wait_for(
+            lambda: {s.signal_id for s in _signals(kafka_settings)} >= expected_signals,
+            120,
+            "every finding after the restart",
+        )
+        wait_for(
+            lambda: {c.command_id for c in _commands(kafka_settings)} >= expected_commands,
+            30,
+            "every freeze after the restart",
+        )
     finally:
         workers.stop()
     assert {s.signal_id for s in _signals(kafka_settings)} == expected_signals
@@ -127,11 +143,14 @@ def test_a_worker_killed_mid_stream_loses_no_finding_and_duplicates_none(
     assert max(commands.values()) == 1, "a command was published twice"
 
 
-def test_two_workers_split_the_partitions(kafka_settings: Settings, tmp_path: Path,
-                                          policy_file: Path) -> None:
-    workers = Workers(kafka_settings, tmp_path, "--policy", str(policy_file),
-                      "--workers", "2").start()
+def test_two_workers_split_the_partitions(
+    kafka_settings: Settings, tmp_path: Path, policy_file: Path
+) -> None:
+    workers = Workers(
+        kafka_settings, tmp_path, "--policy", str(policy_file), "--workers", "2"
+    ).start()
     try:
+
         def split() -> bool:
             latest: dict[str, list[int]] = {}  # pid -> its latest assignment
             for pid, owned in ASSIGNED.findall(workers.output()):
@@ -142,26 +161,33 @@ def test_two_workers_split_the_partitions(kafka_settings: Settings, tmp_path: Pa
 
         wait_for(split, 120, "both workers to own partitions")
         clock = Clock()
-        events = [clock.event(tenant="evil", run_id=f"r{n}", object_id=f"o{n}")
-                  for n in range(30)]
+        events = [clock.event(tenant="evil", run_id=f"r{n}", object_id=f"o{n}") for n in range(30)]
         produce(kafka_settings, events)
-        wait_for(lambda: len({s.signal_id for s in _signals(kafka_settings)}) == 30, 60,
-                 "a signal per event")
+        wait_for(
+            lambda: len({s.signal_id for s in _signals(kafka_settings)}) == 30,
+            60,
+            "a signal per event",
+        )
     finally:
         workers.stop()
 
 
 def test_detect_replays_a_topic_range_without_side_effects(
-        kafka_settings: Settings, tmp_path: Path, policy_file: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    kafka_settings: Settings,
+    tmp_path: Path,
+    policy_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     events = _stream(5)
     produce(kafka_settings, events, raw=[(b"k", b"garbage")])
     for name in ("BOOTSTRAP", "TOPIC_PREFIX", "STATE_DIR"):
         monkeypatch.setenv(f"BACKOUT_{name}", str(getattr(kafka_settings, name.lower())))
     assert main(["detect", "--replay", "actions", "--policy", str(policy_file), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    recorded, bad = read_topic(kafka_settings, kafka_settings.bootstrap or "",
-                               kafka_settings.topic("actions"))
+    recorded, bad = read_topic(
+        kafka_settings, kafka_settings.bootstrap or "", kafka_settings.topic("actions")
+    )
     direct = replay(recorded, load_policy(policy_file), undecodable=bad)
     assert printed == json.loads(json.dumps(direct.to_json()))
     assert printed["events"] == len(events)
@@ -184,8 +210,17 @@ def test_the_ledger_knows_the_commands_on_the_control_topic(kafka_settings: Sett
 
     def command(n: int) -> ControlCommand:
         ctx = Context(f"run-{n}", "bot", "svc", None, None, "production", "tool")
-        finding = Finding(f"f_{n}", "rate_anomaly", Severity.HIGH, T0, ("run", f"run-{n}"),
-                          ctx, "x", EventRef("e"), ())
+        finding = Finding(
+            f"f_{n}",
+            "rate_anomaly",
+            Severity.HIGH,
+            T0,
+            ("run", f"run-{n}"),
+            ctx,
+            "x",
+            EventRef("e"),
+            (),
+        )
         return pol.commands_for(finding)[0]
 
     sink = KafkaEventSink(kafka_settings, kafka_settings.bootstrap or "")

@@ -26,29 +26,60 @@ def test_the_example_policies_load(name: str) -> None:
 
 
 # --- refused at load --------------------------------------------------------------------
-@pytest.mark.parametrize(("text", "line", "path", "says"), [
-    ("version: 1\ndefaults:\n  limits:\n    run:\n      actoins: 5\n", 5,
-     "defaults.limits.run.actoins", "unknown key"),
-    ("agents:\n  bot:\n    limits:\n      retry_loop: 1\n", 4,
-     "agents.bot.limits.retry_loop", "greater than or equal to 2"),
-    ("tools:\n  t:\n    limits:\n      run: {value: -5}\n", 4,
-     "tools.t.limits.run.value", "greater than 0"),
-    ("responses:\n  rate_anomaly:\n    high: [halt, nuke]\n", 3,
-     "responses.rate_anomaly.high.1.action", "'global_stop'"),
-    ("responses:\n  rate_anomly:\n    high: [halt]\n", 2,
-     "responses.rate_anomly", "Input should be"),
-    ("responses:\n  default:\n    severe: [halt]\n", 3,
-     "responses.default.severe", "Input should be"),
-    ("responses:\n  default:\n    high: [{action: quarantine_identity, scope: run}]\n", 3,
-     "responses.default.high.0", "'scope' only applies"),
-    ("window: 10x\n", 1, "window", "bad duration '10x'"),
-    ("escalation: {high: 3, critical: 2}\n", 1, "escalation", "critical must be above high"),
-    ("version: 2\n", 1, "version", "Input should be 1"),
-    ("defaults:\n  allow:\n    tools: set_status\n", 3, "defaults.allow.tools",
-     "valid list"),
-])
-def test_a_bad_policy_is_refused_with_line_and_field_path(text: str, line: int, path: str,
-                                                          says: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "line", "path", "says"),
+    [
+        (
+            "version: 1\ndefaults:\n  limits:\n    run:\n      actoins: 5\n",
+            5,
+            "defaults.limits.run.actoins",
+            "unknown key",
+        ),
+        (
+            "agents:\n  bot:\n    limits:\n      retry_loop: 1\n",
+            4,
+            "agents.bot.limits.retry_loop",
+            "greater than or equal to 2",
+        ),
+        (
+            "tools:\n  t:\n    limits:\n      run: {value: -5}\n",
+            4,
+            "tools.t.limits.run.value",
+            "greater than 0",
+        ),
+        (
+            "responses:\n  rate_anomaly:\n    high: [halt, nuke]\n",
+            3,
+            "responses.rate_anomaly.high.1.action",
+            "'global_stop'",
+        ),
+        (
+            "responses:\n  rate_anomly:\n    high: [halt]\n",
+            2,
+            "responses.rate_anomly",
+            "Input should be",
+        ),
+        (
+            "responses:\n  default:\n    severe: [halt]\n",
+            3,
+            "responses.default.severe",
+            "Input should be",
+        ),
+        (
+            "responses:\n  default:\n    high: [{action: quarantine_identity, scope: run}]\n",
+            3,
+            "responses.default.high.0",
+            "'scope' only applies",
+        ),
+        ("window: 10x\n", 1, "window", "bad duration '10x'"),
+        ("escalation: {high: 3, critical: 2}\n", 1, "escalation", "critical must be above high"),
+        ("version: 2\n", 1, "version", "Input should be 1"),
+        ("defaults:\n  allow:\n    tools: set_status\n", 3, "defaults.allow.tools", "valid list"),
+    ],
+)
+def test_a_bad_policy_is_refused_with_line_and_field_path(
+    text: str, line: int, path: str, says: str
+) -> None:
     with pytest.raises(PolicyError) as caught:
         parse_policy(text, source="p.yaml")
     error = caught.value
@@ -107,25 +138,57 @@ tools:
 """
 
 
-@pytest.mark.parametrize(("fields", "actions", "records", "retry", "systems"), [
-    ({"tenant": "other", "workflow": None, "agent_id": "x", "tool": "t"}, 100, 50, 5,
-     {"erp", "crm"}),
-    ({"tenant": "acme", "workflow": None, "agent_id": "x", "tool": "t"}, 90, 50, 5,
-     {"erp", "crm"}),
-    ({"tenant": "acme", "workflow": "close-books", "agent_id": "x", "tool": "t"}, 80, 40, 5,
-     {"erp", "crm"}),
-    ({"tenant": "acme", "workflow": "close-books", "agent_id": "billing-bot", "tool": "t"},
-     70, 40, 5, {"erp"}),
-    ({"tenant": "acme", "workflow": "close-books", "agent_id": "billing-bot",
-      "tool": "refund"}, 60, 40, 2, {"erp"}),
-])
+@pytest.mark.parametrize(
+    ("fields", "actions", "records", "retry", "systems"),
+    [
+        (
+            {"tenant": "other", "workflow": None, "agent_id": "x", "tool": "t"},
+            100,
+            50,
+            5,
+            {"erp", "crm"},
+        ),
+        (
+            {"tenant": "acme", "workflow": None, "agent_id": "x", "tool": "t"},
+            90,
+            50,
+            5,
+            {"erp", "crm"},
+        ),
+        (
+            {"tenant": "acme", "workflow": "close-books", "agent_id": "x", "tool": "t"},
+            80,
+            40,
+            5,
+            {"erp", "crm"},
+        ),
+        (
+            {"tenant": "acme", "workflow": "close-books", "agent_id": "billing-bot", "tool": "t"},
+            70,
+            40,
+            5,
+            {"erp"},
+        ),
+        (
+            {
+                "tenant": "acme",
+                "workflow": "close-books",
+                "agent_id": "billing-bot",
+                "tool": "refund",
+            },
+            60,
+            40,
+            2,
+            {"erp"},
+        ),
+    ],
+)
 def test_overrides_apply_field_by_field_most_specific_last(
-        fields: dict[str, object], actions: int, records: int, retry: int,
-        systems: set[str]) -> None:
+    fields: dict[str, object], actions: int, records: int, retry: int, systems: set[str]
+) -> None:
     layered = policy(LAYERED)
     limits = layered.limits_for(Clock().event(**fields))
-    assert (limits.run.actions, limits.run.records, limits.retry_loop) == (actions, records,
-                                                                           retry)
+    assert (limits.run.actions, limits.run.records, limits.retry_loop) == (actions, records, retry)
     assert limits.allowed_systems == systems
     assert limits.allowed_tools is None
     assert layered.resolver()(Clock().event(**fields)) == limits
@@ -148,32 +211,63 @@ responses:
 """
 
 
-def _finding(detector: str = "rate_anomaly", severity: Severity = Severity.HIGH,
-             subject: tuple[str, str] = ("run", "run-1"), workflow: str | None = "wf"
-             ) -> Finding:
+def _finding(
+    detector: str = "rate_anomaly",
+    severity: Severity = Severity.HIGH,
+    subject: tuple[str, str] = ("run", "run-1"),
+    workflow: str | None = "wf",
+) -> Finding:
     ctx = Context("run-1", "bot", "svc-bot", "acme", workflow, "production", "refund")
-    return Finding("f_abc", detector, severity, T0, subject, ctx,  # type: ignore[arg-type]
-                   "too much", EventRef("ev1"), (EventRef("ev1"),))
+    return Finding(
+        "f_abc",
+        detector,
+        severity,
+        T0,
+        subject,
+        ctx,  # type: ignore[arg-type]
+        "too much",
+        EventRef("ev1"),
+        (EventRef("ev1"),),
+    )
 
 
-@pytest.mark.parametrize(("detector", "severity", "expected"), [
-    ("rate_anomaly", Severity.LOW, []),
-    ("rate_anomaly", Severity.MEDIUM, []),
-    ("rate_anomaly", Severity.HIGH, [({"run": "run-1"}, FreezeMode.READ_ONLY)]),
-    ("rate_anomaly", Severity.CRITICAL, [({"run": "run-1"}, FreezeMode.HALT),
-                                         ({"identity": "svc-bot"},
-                                          FreezeMode.QUARANTINE_IDENTITY)]),
-    ("blast_radius", Severity.MEDIUM, []),
-    ("blast_radius", Severity.HIGH, [
-        ({"tenant": "acme", "environment": "production"}, FreezeMode.HALT),
-        ({"agent": "bot", "environment": "production"}, FreezeMode.READ_ONLY)]),
-    ("blast_radius", Severity.CRITICAL, [
-        ({"all": "*"}, FreezeMode.HALT),
-        ({"workflow": "wf", "environment": "production"}, FreezeMode.HALT),
-        ({"run": "run-1"}, FreezeMode.HALT)]),
-])
-def test_graduated_responses(detector: str, severity: Severity,
-                             expected: list[tuple[dict[str, str], FreezeMode]]) -> None:
+@pytest.mark.parametrize(
+    ("detector", "severity", "expected"),
+    [
+        ("rate_anomaly", Severity.LOW, []),
+        ("rate_anomaly", Severity.MEDIUM, []),
+        ("rate_anomaly", Severity.HIGH, [({"run": "run-1"}, FreezeMode.READ_ONLY)]),
+        (
+            "rate_anomaly",
+            Severity.CRITICAL,
+            [
+                ({"run": "run-1"}, FreezeMode.HALT),
+                ({"identity": "svc-bot"}, FreezeMode.QUARANTINE_IDENTITY),
+            ],
+        ),
+        ("blast_radius", Severity.MEDIUM, []),
+        (
+            "blast_radius",
+            Severity.HIGH,
+            [
+                ({"tenant": "acme", "environment": "production"}, FreezeMode.HALT),
+                ({"agent": "bot", "environment": "production"}, FreezeMode.READ_ONLY),
+            ],
+        ),
+        (
+            "blast_radius",
+            Severity.CRITICAL,
+            [
+                ({"all": "*"}, FreezeMode.HALT),
+                ({"workflow": "wf", "environment": "production"}, FreezeMode.HALT),
+                ({"run": "run-1"}, FreezeMode.HALT),
+            ],
+        ),
+    ],
+)
+def test_graduated_responses(
+    detector: str, severity: Severity, expected: list[tuple[dict[str, str], FreezeMode]]
+) -> None:
     commands = policy(RESPONSES).commands_for(_finding(detector, severity))
     assert [(c.scope, c.mode) for c in commands] == expected
     for command in commands:
@@ -191,7 +285,8 @@ def test_the_default_scope_is_the_subject_of_the_finding() -> None:
 
 def test_a_scope_the_action_does_not_have_is_skipped() -> None:
     commands = policy(RESPONSES).commands_for(
-        _finding("blast_radius", Severity.CRITICAL, workflow=None))
+        _finding("blast_radius", Severity.CRITICAL, workflow=None)
+    )
     assert [c.scope for c in commands] == [{"all": "*"}, {"run": "run-1"}]
 
 
@@ -215,16 +310,18 @@ responses: {default: {medium: [read_only], high: [halt]}}
     assert [f.severity for f in findings] == [Severity.MEDIUM, Severity.HIGH] * 2
     # escalation issued the halt; the same anomaly a minute later only signals again
     assert [c.mode for c, _ in commands] == [FreezeMode.READ_ONLY, FreezeMode.HALT]
-    assert [f.trigger.event_id for _, f in commands] == [burst[5].event_id,
-                                                         burst[9].event_id]
+    assert [f.trigger.event_id for _, f in commands] == [burst[5].event_id, burst[9].event_id]
 
 
 def test_the_engine_issues_what_the_policy_says() -> None:
-    pol = policy("defaults: {allow: {tenants: [acme]}}\n"
-                 "responses: {policy_violation: {high: [halt, quarantine_identity]}}")
+    pol = policy(
+        "defaults: {allow: {tenants: [acme]}}\n"
+        "responses: {policy_violation: {high: [halt, quarantine_identity]}}"
+    )
     findings, commands = fold(pol, [Clock().event(tenant="evil")])
     assert [f.detector for f in findings] == ["policy_violation"]
     assert [(c.scope, f.finding_id) for c, f in commands] == [
         ({"run": "run-1"}, findings[0].finding_id),
-        ({"identity": "svc-billing"}, findings[0].finding_id)]
+        ({"identity": "svc-billing"}, findings[0].finding_id),
+    ]
     assert Engine(pol).policy is pol

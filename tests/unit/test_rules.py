@@ -26,13 +26,17 @@ defaults:
 
 
 # --- per-event detectors --------------------------------------------------------------
-@pytest.mark.parametrize(("fields", "problem"), [
-    ({"tool": "delete_everything"}, "tool 'delete_everything' not allowed"),
-    ({"system": "payroll"}, "system 'payroll' not allowed"),
-    ({"tenant": "globex"}, "tenant 'globex' not allowed"),
-])
-def test_a_write_outside_the_allow_lists_is_a_policy_violation(fields: dict[str, str],
-                                                               problem: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"tool": "delete_everything"}, "tool 'delete_everything' not allowed"),
+        ({"system": "payroll"}, "system 'payroll' not allowed"),
+        ({"tenant": "globex"}, "tenant 'globex' not allowed"),
+    ],
+)
+def test_a_write_outside_the_allow_lists_is_a_policy_violation(
+    fields: dict[str, str], problem: str
+) -> None:
     findings, _ = fold(policy(ALLOW), [Clock().event(**fields)])
     assert [f.detector for f in findings] == ["policy_violation"]
     assert problem in findings[0].summary
@@ -40,49 +44,66 @@ def test_a_write_outside_the_allow_lists_is_a_policy_violation(fields: dict[str,
     assert findings[0].subject == ("run", "run-1")
 
 
-@pytest.mark.parametrize("fields", [
-    {"tool": "delete_everything", "reversibility": Reversibility.READ_ONLY},
-    {"tool": "delete_everything", "status": CallStatus.BLOCKED},
-    {},
-])
-def test_reads_blocked_calls_and_allowed_writes_are_no_violation(fields: dict[str, object]
-                                                                ) -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tool": "delete_everything", "reversibility": Reversibility.READ_ONLY},
+        {"tool": "delete_everything", "status": CallStatus.BLOCKED},
+        {},
+    ],
+)
+def test_reads_blocked_calls_and_allowed_writes_are_no_violation(fields: dict[str, object]) -> None:
     findings, _ = fold(policy(ALLOW), [Clock().event(**fields)])
     assert findings == []
 
 
-@pytest.mark.parametrize(("fields", "reason"), [
-    ({"labels": {LABEL_POSTCONDITION: "failed", LABEL_POSTCONDITION_DETAIL: "amount != 0"}},
-     "verifier failed (amount != 0)"),
-    ({"status": CallStatus.UNKNOWN}, "status unknown"),
-    ({"labels": {LABEL_PARTIAL_FAILURE: "3/10"}}, "partial failure (3/10)"),
-])
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        (
+            {"labels": {LABEL_POSTCONDITION: "failed", LABEL_POSTCONDITION_DETAIL: "amount != 0"}},
+            "verifier failed (amount != 0)",
+        ),
+        ({"status": CallStatus.UNKNOWN}, "status unknown"),
+        ({"labels": {LABEL_PARTIAL_FAILURE: "3/10"}}, "partial failure (3/10)"),
+    ],
+)
 def test_failed_postconditions(fields: dict[str, object], reason: str) -> None:
     findings, _ = fold(policy(), [Clock().event(**fields)])
     assert [f.detector for f in findings] == ["failed_postcondition"]
     assert reason in findings[0].summary
 
 
-@pytest.mark.parametrize("fields", [
-    {"labels": {LABEL_POSTCONDITION: "passed"}},
-    {"labels": {LABEL_PARTIAL_FAILURE: "0"}},
-    {"labels": {LABEL_PARTIAL_FAILURE: "false"}},
-    {"status": CallStatus.UNKNOWN, "reversibility": Reversibility.READ_ONLY},
-    {"status": CallStatus.FAILED},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"labels": {LABEL_POSTCONDITION: "passed"}},
+        {"labels": {LABEL_PARTIAL_FAILURE: "0"}},
+        {"labels": {LABEL_PARTIAL_FAILURE: "false"}},
+        {"status": CallStatus.UNKNOWN, "reversibility": Reversibility.READ_ONLY},
+        {"status": CallStatus.FAILED},
+    ],
+)
 def test_no_postcondition_finding(fields: dict[str, object]) -> None:
     assert fold(policy(), [Clock().event(**fields)])[0] == []
 
 
-@pytest.mark.parametrize(("fields", "flags"), [
-    ({"confidence": 0.2}, "low_confidence=0.2"),
-    ({"labels": {LABEL_UNCERTAINTY: "decode_failure"}}, "decode_failure"),
-    ({"labels": {LABEL_UNCERTAINTY: "schema_drift, decode_failure"}},
-     "schema_drift,decode_failure"),
-    ({"labels": {LABEL_UNCERTAINTY: "low_confidence"}, "confidence": 0.9},
-     "low_confidence=0.9"),
-    ({"labels": {LABEL_UNCERTAINTY: "hallucinated_id"}}, "hallucinated_id"),
-])
+@pytest.mark.parametrize(
+    ("fields", "flags"),
+    [
+        ({"confidence": 0.2}, "low_confidence=0.2"),
+        ({"labels": {LABEL_UNCERTAINTY: "decode_failure"}}, "decode_failure"),
+        (
+            {"labels": {LABEL_UNCERTAINTY: "schema_drift, decode_failure"}},
+            "schema_drift,decode_failure",
+        ),
+        (
+            {"labels": {LABEL_UNCERTAINTY: "low_confidence"}, "confidence": 0.9},
+            "low_confidence=0.9",
+        ),
+        ({"labels": {LABEL_UNCERTAINTY: "hallucinated_id"}}, "hallucinated_id"),
+    ],
+)
 def test_tool_uncertainty(fields: dict[str, object], flags: str) -> None:
     pol = policy("defaults: {limits: {min_confidence: 0.5}}")
     findings, _ = fold(pol, [Clock().read(**fields)])
@@ -97,8 +118,9 @@ def test_confidence_at_the_minimum_is_fine() -> None:
 
 def test_lifecycle_events_are_not_judged() -> None:
     clock = Clock()
-    ev = clock.lifecycle(EventKind.CHECKPOINT, status=CallStatus.UNKNOWN,
-                         labels={LABEL_UNCERTAINTY: "schema_drift"})
+    ev = clock.lifecycle(
+        EventKind.CHECKPOINT, status=CallStatus.UNKNOWN, labels={LABEL_UNCERTAINTY: "schema_drift"}
+    )
     limits = policy(ALLOW).limits_for(ev)
     assert event_findings(ev, EventRef(ev.event_id), limits) == []
 
@@ -111,17 +133,23 @@ def test_rate_anomaly_fires_once_when_the_limit_is_crossed() -> None:
     clock = Clock(step=1.0)
     findings, _ = fold(policy(RATE), [clock.read() for _ in range(15)])
     assert detectors(findings) == [("rate_anomaly", "medium", "ev000011")]
-    assert findings[0].details == {"metric": "actions", "observed": "11", "limit": "10",
-                                   "window_s": "60"}
+    assert findings[0].details == {
+        "metric": "actions",
+        "observed": "11",
+        "limit": "10",
+        "window_s": "60",
+    }
     assert len(findings[0].evidence) == 8
 
 
 def test_rate_anomaly_escalates_at_the_high_and_critical_ratios() -> None:
     clock = Clock(step=0.1)
     findings, _ = fold(policy(RATE), [clock.read() for _ in range(60)])
-    assert detectors(findings) == [("rate_anomaly", "medium", "ev000011"),
-                                   ("rate_anomaly", "high", "ev000020"),
-                                   ("rate_anomaly", "critical", "ev000050")]
+    assert detectors(findings) == [
+        ("rate_anomaly", "medium", "ev000011"),
+        ("rate_anomaly", "high", "ev000020"),
+        ("rate_anomaly", "critical", "ev000050"),
+    ]
 
 
 def test_calls_spread_over_more_than_a_window_do_not_add_up() -> None:
@@ -143,29 +171,37 @@ def test_agent_rate_counts_calls_of_all_its_runs() -> None:
     pol = policy("defaults: {limits: {agent: {actions: 5}}}")
     findings, _ = fold(pol, [clock.read(run_id=f"run-{i}") for i in range(6)])
     assert [(f.detector, f.subject) for f in findings] == [
-        ("rate_anomaly", ("agent", "billing-bot"))]
+        ("rate_anomaly", ("agent", "billing-bot"))
+    ]
 
 
 def test_retry_loop_is_the_nth_identical_call() -> None:
     clock = Clock(step=2.0)
     same = {"object_id": "inv_7", "requested_args": {"invoice_id": "inv_7", "amount": 10}}
     events = [clock.event(tool="refund", **same) for _ in range(3)]
-    events.append(clock.event(tool="refund", object_id="inv_7",
-                              requested_args={"invoice_id": "inv_7", "amount": 11}))
+    events.append(
+        clock.event(
+            tool="refund", object_id="inv_7", requested_args={"invoice_id": "inv_7", "amount": 11}
+        )
+    )
     events.append(clock.event(tool="refund", **same))
     pol = policy("defaults: {limits: {retry_loop: 4}}")
     findings, _ = fold(pol, events)
     assert detectors(findings) == [("retry_loop", "medium", events[-1].event_id)]
     assert {r.event_id for r in findings[0].evidence} == {
-        e.event_id for e in events if e.requested_args["amount"] == 10}
+        e.event_id for e in events if e.requested_args["amount"] == 10
+    }
 
 
 def test_approved_args_are_what_counts_for_a_retry() -> None:
     clock = Clock()
-    events = [clock.event(object_id="x", requested_args={"n": i}, approved_args={"n": 0})
-              for i in range(3)]
-    assert [f.detector for f in fold(policy("defaults: {limits: {retry_loop: 3}}"),
-                                     events)[0]] == ["retry_loop"]
+    events = [
+        clock.event(object_id="x", requested_args={"n": i}, approved_args={"n": 0})
+        for i in range(3)
+    ]
+    assert [f.detector for f in fold(policy("defaults: {limits: {retry_loop: 3}}"), events)[0]] == [
+        "retry_loop"
+    ]
 
 
 def test_retries_further_apart_than_the_window_are_no_loop() -> None:
@@ -205,18 +241,21 @@ def test_value_moved_is_the_sum_of_absolute_values() -> None:
     assert findings[0].details["observed"] == "1100"
 
 
-@pytest.mark.parametrize(("metric", "field", "values"), [
-    ("tenants", "tenant", ["acme", "globex"]),
-    ("systems", "system", ["erp", "crm", "payroll"]),
-])
+@pytest.mark.parametrize(
+    ("metric", "field", "values"),
+    [
+        ("tenants", "tenant", ["acme", "globex"]),
+        ("systems", "system", ["erp", "crm", "payroll"]),
+    ],
+)
 def test_blast_radius(metric: str, field: str, values: list[str]) -> None:
     clock = Clock()
     events = [clock.event(**{field: v}) for v in values]
     limit = len(values) - 1
-    findings, _ = fold(policy(f"defaults: {{limits: {{agent: {{{metric}: {limit}}}}}}}"),
-                       events)
+    findings, _ = fold(policy(f"defaults: {{limits: {{agent: {{{metric}: {limit}}}}}}}"), events)
     assert [(f.detector, f.subject[0], f.details["metric"]) for f in findings] == [
-        ("blast_radius", "agent", metric)]
+        ("blast_radius", "agent", metric)
+    ]
     assert findings[0].severity is Severity.HIGH
 
 
@@ -258,8 +297,9 @@ def test_detect_does_not_change_its_input_states() -> None:
 def test_state_round_trips_through_bytes() -> None:
     clock = Clock()
     pol = policy("defaults: {limits: {run: {records: 50, value: 9}, retry_loop: 3}}")
-    found = detect(ScopeState(), {}, refs([clock.event(value=1.0) for _ in range(20)]),
-                   pol.resolver())
+    found = detect(
+        ScopeState(), {}, refs([clock.event(value=1.0) for _ in range(20)]), pol.resolver()
+    )
     for state in (found.agent, found.runs["run-1"]):
         assert ScopeState.from_bytes(state.to_bytes()).to_bytes() == state.to_bytes()
     assert ScopeState.from_bytes(None) == ScopeState()
@@ -271,8 +311,12 @@ def test_idle_runs_expire_from_the_agent() -> None:
     pol = policy("window: 10s")
     limits_for = pol.resolver()
     first = detect(ScopeState(), {}, refs([clock.event(run_id="old")]), limits_for)
-    later = detect(first.agent, first.runs,
-                   refs([clock.event(run_id="new", advance=30.0)], partition=1), limits_for)
+    later = detect(
+        first.agent,
+        first.runs,
+        refs([clock.event(run_id="new", advance=30.0)], partition=1),
+        limits_for,
+    )
     assert later.expired_runs == ["old"]
     assert list(later.agent.runs) == ["new"]
 

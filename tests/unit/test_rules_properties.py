@@ -26,20 +26,23 @@ responses:
   default: {medium: [read_only], high: [halt], critical: [halt, quarantine_identity]}
 """)
 
-calls = st.fixed_dictionaries({
-    "advance": st.sampled_from([0.0, 0.5, 1.0, 3.0, 12.0]),
-    "run_id": st.sampled_from(["r0", "r1", "r2"]),
-    "tool": st.sampled_from(["t0", "t1", "t2"]),
-    "object_id": st.sampled_from([f"o{i}" for i in range(6)]),
-    "tenant": st.sampled_from(["a", "b"]),
-    "system": st.sampled_from(["erp", "crm"]),
-    "status": st.sampled_from([CallStatus.SUCCEEDED, CallStatus.SUCCEEDED, CallStatus.UNKNOWN,
-                               CallStatus.FAILED]),
-    "reversibility": st.sampled_from([Reversibility.REVERSIBLE, Reversibility.READ_ONLY]),
-    "value": st.one_of(st.none(), st.floats(min_value=-200, max_value=200, allow_nan=False)),
-    "confidence": st.one_of(st.none(), st.sampled_from([0.1, 0.9])),
-    "requested_args": st.sampled_from([{}, {"n": 1}]),
-})
+calls = st.fixed_dictionaries(
+    {
+        "advance": st.sampled_from([0.0, 0.5, 1.0, 3.0, 12.0]),
+        "run_id": st.sampled_from(["r0", "r1", "r2"]),
+        "tool": st.sampled_from(["t0", "t1", "t2"]),
+        "object_id": st.sampled_from([f"o{i}" for i in range(6)]),
+        "tenant": st.sampled_from(["a", "b"]),
+        "system": st.sampled_from(["erp", "crm"]),
+        "status": st.sampled_from(
+            [CallStatus.SUCCEEDED, CallStatus.SUCCEEDED, CallStatus.UNKNOWN, CallStatus.FAILED]
+        ),
+        "reversibility": st.sampled_from([Reversibility.REVERSIBLE, Reversibility.READ_ONLY]),
+        "value": st.one_of(st.none(), st.floats(min_value=-200, max_value=200, allow_nan=False)),
+        "confidence": st.one_of(st.none(), st.sampled_from([0.1, 0.9])),
+        "requested_args": st.sampled_from([{}, {"n": 1}]),
+    }
+)
 
 
 def _events(specs: list[dict[str, Any]]) -> list[ActionEvent]:
@@ -54,8 +57,9 @@ def _ids(result: tuple[list[Any], list[Any]]) -> tuple[list[str], list[str]]:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(calls, min_size=1, max_size=60), st.integers(min_value=1, max_value=7))
-def test_batching_does_not_change_findings_or_commands(specs: list[dict[str, Any]],
-                                                       batch: int) -> None:
+def test_batching_does_not_change_findings_or_commands(
+    specs: list[dict[str, Any]], batch: int
+) -> None:
     events = _events(specs)
     assert _ids(fold(POLICY, events)) == _ids(fold(POLICY, events, batch=batch))
 
@@ -63,7 +67,8 @@ def test_batching_does_not_change_findings_or_commands(specs: list[dict[str, Any
 @settings(max_examples=60, deadline=None)
 @given(st.lists(calls, min_size=2, max_size=60), st.data())
 def test_saving_and_loading_state_between_batches_changes_nothing(
-        specs: list[dict[str, Any]], data: st.DataObject) -> None:
+    specs: list[dict[str, Any]], data: st.DataObject
+) -> None:
     events = refs(_events(specs))
     cut = data.draw(st.integers(min_value=1, max_value=len(events) - 1))
     engine = Engine(POLICY)
@@ -72,16 +77,19 @@ def test_saving_and_loading_state_between_batches_changes_nothing(
     agent = ScopeState.from_bytes(first.agent.to_bytes())
     runs = {k: ScopeState.from_bytes(v.to_bytes()) for k, v in first.runs.items()}
     second = engine.step(agent, runs, events[cut:])
-    assert ([f.finding_id for f in whole.findings]
-            == [f.finding_id for f in first.findings + second.findings])
-    assert ([c.command_id for c, _ in whole.commands]
-            == [c.command_id for c, _ in first.commands + second.commands])
+    assert [f.finding_id for f in whole.findings] == [
+        f.finding_id for f in first.findings + second.findings
+    ]
+    assert [c.command_id for c, _ in whole.commands] == [
+        c.command_id for c, _ in first.commands + second.commands
+    ]
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(calls, min_size=2, max_size=40), st.data())
 def test_records_processed_again_after_a_restart_change_nothing(
-        specs: list[dict[str, Any]], data: st.DataObject) -> None:
+    specs: list[dict[str, Any]], data: st.DataObject
+) -> None:
     events = refs(_events(specs))
     cut = data.draw(st.integers(min_value=1, max_value=len(events)))
     back = data.draw(st.integers(min_value=0, max_value=cut))
@@ -91,8 +99,9 @@ def test_records_processed_again_after_a_restart_change_nothing(
     # a restart resumes from an older committed offset: events[back:cut] come again
     again = engine.step(first.agent, first.runs, events[back:])
     assert again.skipped == cut - back
-    assert ([f.finding_id for f in whole.findings]
-            == [f.finding_id for f in first.findings + again.findings])
+    assert [f.finding_id for f in whole.findings] == [
+        f.finding_id for f in first.findings + again.findings
+    ]
 
 
 @given(st.text(min_size=1, max_size=20), st.floats(min_value=0, max_value=1))

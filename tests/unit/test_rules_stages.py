@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from backout.processors.engine import Engine
-from backout.processors.envelope import pack, route_fields, unpack
+from backout.processors.envelope import pack, partition_for, route_fields, unpack
 from backout.processors.policy import Policy
 from backout.processors.rules import DEFAULT_SEVERITY
 from backout.processors.stages import (
@@ -51,15 +51,22 @@ class Sent:
     key: bytes | None
     value: bytes
     headers: Headers
+    partition: int | None = None
 
 
 @dataclass
 class FakeOutbox:
     sent: list[Sent] = field(default_factory=list)
 
-    def send(self, topic: str, key: bytes | None, value: bytes,
-             headers: Headers | None = None) -> Awaitable[object]:
-        self.sent.append(Sent(topic, key, value, list(headers or [])))
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> Awaitable[object]:
+        self.sent.append(Sent(topic, key, value, list(headers or []), partition))
         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -97,25 +104,40 @@ class FakeLedger:
 
 
 def _emitter(outbox: FakeOutbox, ledger: FakeLedger | None = None) -> Emitter:
-    return Emitter(outbox, CODEC, KEY, signals="t.signals", control="t.control", dlq="t.dlq",
-                   ledger=ledger, stats=Stats())
+    return Emitter(
+        outbox,
+        CODEC,
+        KEY,
+        signals="t.signals",
+        control="t.control",
+        dlq="t.dlq",
+        ledger=ledger,
+        stats=Stats(),
+    )
 
 
 def _records(events: list[ActionEvent], *, partition: int = 0) -> list[Record]:
-    return [Record("t.actions", partition, i, e.key.encode(), codec.encode(e))
-            for i, e in enumerate(events)]
+    return [
+        Record("t.actions", partition, i, e.key.encode(), codec.encode(e))
+        for i, e in enumerate(events)
+    ]
 
 
 # --- envelope ---------------------------------------------------------------------------
 def test_route_fields_read_the_first_fields_of_the_avro_body() -> None:
     clock = Clock()
-    for event in (clock.event(), clock.event(parent_run_id="parent", agent_id="x" * 300),
-                  clock.lifecycle()):
+    for event in (
+        clock.event(),
+        clock.event(parent_run_id="parent", agent_id="x" * 300),
+        clock.lifecycle(),
+    ):
         assert route_fields(codec.encode(event)) == (event.event_id, event.agent_id)
 
 
-@pytest.mark.parametrize("raw", [b"", b"garbage", b"\xc3\x01" + b"\x00" * 8 + b"\x02",
-                                 codec.encode(Clock().event())[:14]])
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"garbage", b"\xc3\x01" + b"\x00" * 8 + b"\x02", codec.encode(Clock().event())[:14]],
+)
 def test_route_fields_give_up_on_other_bytes(raw: bytes) -> None:
     assert route_fields(raw) is None
 
@@ -130,24 +152,38 @@ def test_envelopes_round_trip_and_refuse_garbage() -> None:
 
 
 # --- route --------------------------------------------------------------------------------
-async def test_route_batches_records_per_agent_with_their_positions() -> None:
+async def test_route_batches_records_per_partition_of_their_agent() -> None:
     clock = Clock()
-    events = [clock.event(agent_id=a) for a in ("a", "b", "a", "c", "a")]
+    agents = [f"agent-{n}" for n in range(12)]
+    events = [clock.event(agent_id=a) for a in agents * 2]
     outbox = FakeOutbox()
-    stage = RouteStage(outbox, _emitter(outbox), CODEC, routed="t.routed")
+    stage = RouteStage(outbox, _emitter(outbox), CODEC, routed="t.routed", partitions=3)
     records = _records(events, partition=2)
     await stage.handle(records)
-    routed = {s.key: unpack(s.value) for s in outbox.on("t.routed")}
-    assert routed == {
-        b"a": [(2, 0, records[0].value), (2, 2, records[2].value), (2, 4, records[4].value)],
-        b"b": [(2, 1, records[1].value)], b"c": [(2, 3, records[3].value)]}
+    batches = outbox.on("t.routed")
+    assert len(batches) == len({partition_for(a, 3) for a in agents}) <= 3
+    for batch in batches:
+        assert batch.partition is not None and batch.key is None
+        items = unpack(batch.value)
+        assert [o for _, o, _ in items] == sorted(o for _, o, _ in items)  # in order
+        for source, offset, raw in items:
+            assert (source, raw) == (2, records[offset].value)
+            assert partition_for(events[offset].agent_id, 3) == batch.partition
+    assert sum(len(unpack(b.value)) for b in batches) == len(events)
+
+
+def test_an_agent_always_goes_to_the_same_partition() -> None:
+    assert partition_for("billing-bot", 6) == partition_for("billing-bot", 6)
+    assert {partition_for(f"a{n}", 6) for n in range(100)} == set(range(6))
 
 
 async def test_route_splits_large_batches() -> None:
     clock = Clock()
     events = [clock.event() for _ in range(40)]
     outbox = FakeOutbox()
-    stage = RouteStage(outbox, _emitter(outbox), CODEC, routed="t.routed", envelope_bytes=2000)
+    stage = RouteStage(
+        outbox, _emitter(outbox), CODEC, routed="t.routed", partitions=1, envelope_bytes=2000
+    )
     await stage.handle(_records(events))
     batches = outbox.on("t.routed")
     assert len(batches) > 4
@@ -158,11 +194,15 @@ async def test_route_splits_large_batches() -> None:
 async def test_route_dead_letters_what_it_cannot_read_and_goes_on() -> None:
     outbox = FakeOutbox()
     emitter = _emitter(outbox)
-    stage = RouteStage(outbox, emitter, CODEC, routed="t.routed")
+    stage = RouteStage(outbox, emitter, CODEC, routed="t.routed", partitions=3)
     good = Clock().event()
-    await stage.handle([Record("t.actions", 1, 7, b"k", b"not avro"),
-                        Record("t.actions", 1, 8, b"k2", None),
-                        _records([good], partition=1)[0]])
+    await stage.handle(
+        [
+            Record("t.actions", 1, 7, b"k", b"not avro"),
+            Record("t.actions", 1, 8, b"k2", None),
+            _records([good], partition=1)[0],
+        ]
+    )
     letters = outbox.on("t.dlq")
     assert [(d.key, d.value) for d in letters] == [(b"k", b"not avro"), (b"k2", b"")]
     headers = dict(letters[0].headers)
@@ -174,8 +214,9 @@ async def test_route_dead_letters_what_it_cannot_read_and_goes_on() -> None:
 
 
 # --- detect -------------------------------------------------------------------------------
-def _detector(outbox: FakeOutbox, store: FakeStore, ledger: FakeLedger | None = None,
-              pol: Policy = POLICY) -> DetectStage:
+def _detector(
+    outbox: FakeOutbox, store: FakeStore, ledger: FakeLedger | None = None, pol: Policy = POLICY
+) -> DetectStage:
     return DetectStage(Engine(pol), _emitter(outbox, ledger), store, CODEC, actions="t.actions")
 
 
@@ -193,12 +234,16 @@ async def test_detect_publishes_a_signal_and_signed_freezes_with_evidence() -> N
     assert signal.detector == "policy_violation"
     assert signal_rec.key == b"run=run-1"
     assert [(e.event_id, e.topic, e.partition, e.offset) for e in signal.evidence] == [
-        (events[0].event_id, "t.actions", 0, 41)]
+        (events[0].event_id, "t.actions", 0, 41)
+    ]
     [control] = outbox.on("t.control")
     command = codec.decode(control.value, ControlCommand)
     verify(command, TRUSTED)
     assert (command.scope, command.mode, command.cause) == (
-        {"run": "run-1"}, FreezeMode.HALT, signal.signal_id)
+        {"run": "run-1"},
+        FreezeMode.HALT,
+        signal.signal_id,
+    )
     assert control.key == b"run=run-1"
     assert store.read(agent_key("billing-bot")) is not None
     assert store.read(run_key("billing-bot", "run-1")) is not None
@@ -257,8 +302,7 @@ async def test_states_are_written_once_per_checkpoint_not_per_batch() -> None:
 class FakeTarget:
     system = "erp"
 
-    def __init__(self, live: dict[str, RecordImage] | None = None,
-                 down: int = 0) -> None:
+    def __init__(self, live: dict[str, RecordImage] | None = None, down: int = 0) -> None:
         self.live = live or {}
         self.reads = 0
         self.down = down
@@ -285,11 +329,21 @@ class FakeClock:
 
 
 def _supervisor(outbox: FakeOutbox, target: FakeTarget, clock: FakeClock) -> Supervisor:
-    pol = policy("supervisor: {share: 1.0, recheck_after: 30s}\n"
-                 "responses: {supervisor_drift: {high: [read_only]}}")
-    return Supervisor(pol.supervisor, [target], Engine(pol), _emitter(outbox), CODEC,
-                      actions="t.actions", severity=DEFAULT_SEVERITY["supervisor_drift"],
-                      confirm_after_s=2.0, clock=clock)
+    pol = policy(
+        "supervisor: {share: 1.0, recheck_after: 30s}\n"
+        "responses: {supervisor_drift: {high: [read_only]}}"
+    )
+    return Supervisor(
+        pol.supervisor,
+        [target],
+        Engine(pol),
+        _emitter(outbox),
+        CODEC,
+        actions="t.actions",
+        severity=DEFAULT_SEVERITY["supervisor_drift"],
+        confirm_after_s=2.0,
+        clock=clock,
+    )
 
 
 def _observe(sup: Supervisor, event: ActionEvent, offset: int = 0) -> None:
@@ -315,7 +369,8 @@ async def test_a_write_that_drifted_on_the_target_is_reported_after_confirmation
     assert signal.detector == "supervisor_drift"
     assert signal.details["field.status"] == "expected 'void', live 'paid'"
     assert [codec.decode(c.value, ControlCommand).mode for c in outbox.on("t.control")] == [
-        FreezeMode.READ_ONLY]
+        FreezeMode.READ_ONLY
+    ]
     assert sup.pending == 0
 
 
@@ -333,8 +388,9 @@ async def test_a_matching_record_is_no_drift() -> None:
 async def test_a_later_journaled_write_replaces_the_check() -> None:
     clock_events = Clock()
     first = clock_events.event(object_id="inv_1")
-    second = clock_events.event(object_id="inv_1",
-                                after=RecordImage(exists=True, fields={"status": "paid"}))
+    second = clock_events.event(
+        object_id="inv_1", after=RecordImage(exists=True, fields={"status": "paid"})
+    )
     target = FakeTarget({"inv_1": RecordImage(exists=True, fields={"status": "paid"})})
     outbox, clock = FakeOutbox(), FakeClock()
     sup = _supervisor(outbox, target, clock)
