@@ -12,10 +12,7 @@ import pytest
 from backout.infra import broker as broker_mod
 from backout.infra.settings import Settings
 from backout.infra.topics import ensure_topics
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.local_postgres import INSTALL_HINT, LocalPostgres, PostgresUnavailable, server_binaries
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +47,24 @@ def kafka_settings(broker: broker_mod.Broker, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """A PostgreSQL URL for SQL stores (``BACKOUT_TEST_POSTGRES_URL``; set by ./run test)."""
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL for SQL stores: ``BACKOUT_TEST_POSTGRES_URL`` (set by ``./run test``),
+    else a private cluster started from the installed server for this test session."""
     url = os.environ.get("BACKOUT_TEST_POSTGRES_URL")
-    if not url:
-        if _in_ci():
-            pytest.fail("BACKOUT_TEST_POSTGRES_URL is not set in CI; ./run test starts PostgreSQL")
-        pytest.skip("no PostgreSQL: set BACKOUT_TEST_POSTGRES_URL (./run test does)")
-    return url
+    if url:
+        yield url
+        return
+    binaries = server_binaries()
+    if binaries is None:
+        pytest.fail(INSTALL_HINT)
+    try:
+        server = LocalPostgres(binaries).start()
+    except PostgresUnavailable as exc:
+        pytest.fail(f"could not start PostgreSQL: {exc}. {INSTALL_HINT}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture
