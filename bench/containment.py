@@ -23,18 +23,16 @@ The broker is BACKOUT_BOOTSTRAP when set, else an embedded Tansu broker started 
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import random
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
-from backout.infra.broker import Broker, start_embedded
 from backout.infra.settings import Settings
 from backout.infra.topics import ensure_topics
 from backout.producers.guard import ControlGuard
@@ -44,7 +42,7 @@ from backout.schemas.codec import encode
 from backout.schemas.errors import Frozen
 from backout.schemas.events import ControlAction, ControlCommand, FreezeMode, Reversibility
 from backout.schemas.signing import SigningKey, new_signing_key, sign
-from bench.figures import Figure, show, tally
+from bench.figures import Figure, bench_broker, headline, measure, size_arguments
 
 
 @dataclass(frozen=True)
@@ -368,39 +366,24 @@ def bench_rebuild(bootstrap: str, sizes: Sizes) -> list[Figure]:
 
 
 def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
-    broker: Broker | None = None
-    if bootstrap is None:
-        broker = start_embedded()
-        bootstrap = broker.bootstrap
-        print(f"broker: embedded Tansu on {bootstrap}")
-    else:
-        print(f"broker: {bootstrap} (BACKOUT_BOOTSTRAP)")
-    figures: list[Figure] = []
-    try:
-        for part in (bench_latency, bench_check, bench_rebuild):
-            for figure in part(bootstrap, sizes):
-                figures.append(figure)
-                show(figure, decimals=3)
-    finally:
-        if broker is not None:
-            broker.stop()
-    tally(figures)
-    return figures
+    """Run every part against the broker and print its figures; return them."""
+    with bench_broker(bootstrap) as address:
+        return measure(
+            [partial(part, address, sizes) for part in (bench_latency, bench_check, bench_rebuild)],
+            decimals=3,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
-    args = parser.parse_args(argv)
+    args = size_arguments(__doc__, argv)
     sizes = QUICK if args.quick else DEFAULT
-    settings = Settings()  # the entrypoint: BACKOUT_* from the environment
-    print(
-        f"containment benchmark ({'quick' if args.quick else 'default'} sizes: "
-        f"{sizes.rounds} freeze rounds at {sizes.calls_per_s:,} calls/s, "
-        f"{sizes.freezes:,} active freezes, {sizes.history:,}-command history), "
-        f"Python {sys.version.split()[0]}"
+    headline(
+        "containment",
+        f"{'quick' if args.quick else 'default'} sizes: {sizes.rounds} freeze rounds at "
+        f"{sizes.calls_per_s:,} calls/s, {sizes.freezes:,} active freezes, "
+        f"{sizes.history:,}-command history",
     )
-    run(sizes, settings.bootstrap)
+    run(sizes, Settings().bootstrap)  # the entrypoint: BACKOUT_* from the environment
 
 
 if __name__ == "__main__":

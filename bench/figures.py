@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from backout.infra.broker import start_embedded
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,11 @@ class Figure:
     target: str
     ok: bool
     note: str = ""
+
+    @property
+    def judged(self) -> bool:
+        """Whether this figure has a target (``-`` or ``(info)`` mark context only)."""
+        return self.target not in ("", "-", "(info)")
 
 
 def show(figure: Figure, *, decimals: int = 1) -> None:
@@ -30,9 +41,58 @@ def show(figure: Figure, *, decimals: int = 1) -> None:
 
 def tally(figures: Sequence[Figure]) -> None:
     """Print how many targets were met, naming the missed ones."""
-    missed = [f.name for f in figures if not f.ok]
+    judged = [f for f in figures if f.judged]
+    missed = [f.name for f in judged if not f.ok]
     print(
-        f"{len(figures) - len(missed)}/{len(figures)} targets met"
+        f"{len(judged) - len(missed)}/{len(judged)} targets met"
         + (f"; missed: {', '.join(missed)}" if missed else ""),
+        flush=True,
+    )
+
+
+@contextmanager
+def bench_broker(bootstrap: str | None) -> Iterator[str]:
+    """The broker to measure against: ``bootstrap`` (BACKOUT_BOOTSTRAP) when given, else an
+    embedded Tansu broker started here and stopped on exit. Yields its address."""
+    if bootstrap:
+        print(f"broker: {bootstrap} (BACKOUT_BOOTSTRAP)", flush=True)
+        yield bootstrap
+        return
+    broker = start_embedded()
+    print(f"broker: embedded Tansu on {broker.bootstrap}", flush=True)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+def measure(parts: Iterable[Callable[[], Iterable[Figure]]], *, decimals: int = 1) -> list[Figure]:
+    """Run each part, printing its figures as they come, then the tally; return them all."""
+    figures: list[Figure] = []
+    for part in parts:
+        for figure in part():
+            figures.append(figure)
+            show(figure, decimals=decimals)
+    tally(figures)
+    return figures
+
+
+def size_arguments(
+    description: str | None, argv: list[str] | None, *, full: str | None = None
+) -> argparse.Namespace:
+    """Parse a benchmark's size options: ``--quick`` (CI smoke sizes) and, when ``full``
+    describes it, ``--full``."""
+    parser = argparse.ArgumentParser(description=(description or "").splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
+    if full:
+        size.add_argument("--full", action="store_true", help=full)
+    return parser.parse_args(argv)
+
+
+def headline(what: str, sizes: str) -> None:
+    """Print what is measured, at which sizes, on which Python and how many CPUs."""
+    print(
+        f"{what} benchmark ({sizes}), Python {sys.version.split()[0]}, {os.cpu_count()} CPUs",
         flush=True,
     )

@@ -22,11 +22,11 @@ Timings on this shared 2-core machine vary by ±30 % from run to run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Producer
 
-from backout.infra.broker import Broker, kafka_config, start_embedded
+from backout.infra.broker import kafka_config
 from backout.infra.cli import main as cli_main
 from backout.infra.forensics import LogScanner, ReplayFilter, ReplayStats, paused_gc, replay
 from backout.infra.settings import Settings
@@ -51,7 +51,7 @@ from backout.schemas.events import (
     TargetRef,
 )
 from backout.schemas.registry import make_codec
-from bench.figures import Figure, show, tally
+from bench.figures import Figure, bench_broker, headline, measure, size_arguments
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,6 @@ T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 """The events occurred in the last hour, as on a live log (replay bounds scans by it)."""
 TRACE_TARGET_S = 2.0
 REPLAY_TARGET = 30_000.0
-
-
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -322,7 +320,7 @@ def bench_trace(settings: Settings, bootstrap: str, sizes: Sizes, tmp: str) -> l
     return figures
 
 
-def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> list[Figure]:
+def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> Iterator[Figure]:
     global T0
     T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     prefix = f"r{uuid.uuid4().hex[:6]}_"
@@ -339,7 +337,7 @@ def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> list[Figur
         for raw in sample:
             codec.decode(raw)
         alone = len(sample) / (time.perf_counter() - started)
-    figures_info = Figure(
+    yield Figure(
         "decode alone (codec, same events, no Kafka)",
         alone,
         "events/s",
@@ -347,11 +345,9 @@ def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> list[Figur
         True,
         f"{len(sample[0])} B per event",
     )
-    show(figures_info, decimals=2)
     mid = T0 + timedelta(milliseconds=sizes.replay_events // 4)
     end = T0 + timedelta(milliseconds=3 * sizes.replay_events // 4)
     target = f">= {REPLAY_TARGET:,.0f}/s"
-    figures = []
     for name, flt in (
         ("replay engine, every record decoded", ReplayFilter()),
         ("replay engine, --agent (1 in 10)", ReplayFilter(agent="agent-3")),
@@ -361,81 +357,59 @@ def bench_replay(settings: Settings, bootstrap: str, sizes: Sizes) -> list[Figur
         with LogScanner(settings, bootstrap) as scanner, paused_gc():
             matched = sum(1 for _ in replay(scanner, codec, topic, flt, stats))
         rate = stats.scanned / stats.seconds
-        figures.append(
-            Figure(
-                name,
-                rate,
-                "events/s",
-                target,
-                rate >= REPLAY_TARGET,
-                f"{stats.scanned:,} scanned, {stats.decoded:,} decoded, "
-                f"{matched:,} matched in {stats.seconds:.2f} s",
-            )
-        )
-        show(figures[-1], decimals=2)
-    elapsed = timed_cli("replay", "--agent", "agent-3", "--json")
-    rate = count / elapsed
-    figures.append(
-        Figure(
-            "backout replay --agent --json (whole command)",
+        yield Figure(
+            name,
             rate,
             "events/s",
             target,
             rate >= REPLAY_TARGET,
-            f"{count:,} events in {elapsed:.2f} s",
+            f"{stats.scanned:,} scanned, {stats.decoded:,} decoded, "
+            f"{matched:,} matched in {stats.seconds:.2f} s",
         )
+    elapsed = timed_cli("replay", "--agent", "agent-3", "--json")
+    rate = count / elapsed
+    yield Figure(
+        "backout replay --agent --json (whole command)",
+        rate,
+        "events/s",
+        target,
+        rate >= REPLAY_TARGET,
+        f"{count:,} events in {elapsed:.2f} s",
     )
-    show(figures[-1], decimals=2)
-    return figures
+
+
+def fresh_topics(bootstrap: str) -> Settings:
+    """New topics for one part; the CLI under test reads them from the environment, as it
+    always does."""
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    settings = Settings(bootstrap=bootstrap, topic_prefix=prefix, actions_partitions=6)
+    ensure_topics(settings, bootstrap)
+    os.environ["BACKOUT_BOOTSTRAP"] = bootstrap
+    os.environ["BACKOUT_TOPIC_PREFIX"] = prefix
+    return settings
 
 
 def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
-    broker: Broker | None = None
-    if bootstrap is None:
-        broker = start_embedded()
-        bootstrap = broker.bootstrap
-        print(f"broker: embedded Tansu on {bootstrap}")
-    else:
-        print(f"broker: {bootstrap} (BACKOUT_BOOTSTRAP)")
-    figures: list[Figure] = []
-    try:
-        for kind in ("trace", "replay"):
-            prefix = f"bench{uuid.uuid4().hex[:8]}."
-            settings = Settings(bootstrap=bootstrap, topic_prefix=prefix, actions_partitions=6)
-            ensure_topics(settings, bootstrap)
-            # the CLI under test builds its Settings from the environment, as it always does
-            os.environ["BACKOUT_BOOTSTRAP"] = bootstrap
-            os.environ["BACKOUT_TOPIC_PREFIX"] = prefix
-            if kind == "trace":
-                import tempfile
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    for figure in bench_trace(settings, bootstrap, sizes, tmp):
-                        figures.append(figure)
-                        show(figure, decimals=2)
-            else:
-                figures += bench_replay(settings, bootstrap, sizes)
-    finally:
-        if broker is not None:
-            broker.stop()
-    tally(figures)
-    return figures
+    """Run both parts against the broker and print their figures; return them."""
+    with bench_broker(bootstrap) as address, tempfile.TemporaryDirectory() as tmp:
+        return measure(
+            [
+                lambda: bench_trace(fresh_topics(address), address, sizes, tmp),
+                lambda: bench_replay(fresh_topics(address), address, sizes),
+            ],
+            decimals=2,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
-    size.add_argument("--full", action="store_true", help="replay 1,000,000 events")
-    args = parser.parse_args(argv)
+    args = size_arguments(__doc__, argv, full="replay 1,000,000 events")
     sizes = QUICK if args.quick else FULL if args.full else DEFAULT
     label = "quick" if args.quick else "full" if args.full else "default"
-    settings = Settings()  # the entrypoint: BACKOUT_* from the environment
-    print(
-        f"operator tools benchmark ({label} sizes: {sizes.trace_steps:,}-step trace, "
-        f"{sizes.replay_events:,}-event replay), Python {sys.version.split()[0]}"
+    headline(
+        "operator tools",
+        f"{label} sizes: {sizes.trace_steps:,}-step trace, {sizes.replay_events:,}-event replay",
     )
-    run(sizes, settings.bootstrap)
+    run(sizes, Settings().bootstrap)  # the entrypoint: BACKOUT_* from the environment
 
 
 if __name__ == "__main__":
