@@ -60,7 +60,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
         "keys",
     ),
     "backout.infra.commands_operators": ("trace", "replay", "blast-radius", "report", "up"),
-    "backout.infra.commands_rollback": ("project", "state", "rollback", "tasks"),
+    "backout.infra.commands_projection": ("project", "state"),
+    "backout.infra.commands_rollback": ("rollback", "tasks"),
     "backout.infra.commands_harden": ("harden",),
     "backout.infra.commands_detection": ("processors", "detect"),
 }
