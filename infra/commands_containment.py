@@ -1,5 +1,5 @@
 """Containment commands: ``keys new``, ``freeze``, ``lift``, ``freezes``, ``approve``,
-``deny``, ``release``, ``discard``, ``control-audit``.
+``deny``, ``control-audit`` (``release`` and ``discard`` are in ``commands_quarantine``).
 
 Control commands are signed with the key in ``BACKOUT_SIGNING_KEY_FILE`` (``backout keys
 new`` makes one) and published to the control topic; guards trust the public keys in
@@ -32,12 +32,6 @@ from backout.infra.clikit import (
 )
 from backout.infra.settings import Settings
 from backout.producers.control import GLOBAL_SCOPE, Freeze, Outcome, malformed_reason, scope_key
-from backout.producers.downstream import (
-    Disposition,
-    discard_parked,
-    read_quarantine,
-    release_parked,
-)
 from backout.producers.guard import ControlGuard
 from backout.producers.kafka import KafkaEventSink
 from backout.producers.scope import SCOPE_DIMENSIONS
@@ -145,7 +139,8 @@ def parse_expiry(text: str, *, now: datetime | None = None) -> datetime:
     return when
 
 
-def _view(settings: Settings) -> ControlGuard:
+def control_view(settings: Settings) -> ControlGuard:
+    """A guard synced with the control topic (the current freezes); ControlError if not."""
     guard = ControlGuard(settings, resolve_bootstrap(settings)).start(timeout=15.0)
     if not guard.synced:
         guard.close()
@@ -334,7 +329,7 @@ def lift(
         scope = dict(GLOBAL_SCOPE)
     targets = list(ids or [])
     if scope:
-        guard = _view(settings)
+        guard = control_view(settings)
         try:
             targets += [f.command_id for f in guard.freezes() if f.scope_map == scope]
         finally:
@@ -363,7 +358,7 @@ def freezes(json_out: bool = JSON_OPTION) -> None:
     Example: backout freezes --json
     """
     settings = load_settings()
-    guard = _view(settings)
+    guard = control_view(settings)
     try:
         active = guard.freezes()
     finally:
@@ -438,111 +433,6 @@ def deny(
     _say(data, json_out, f"denied: {request_id} (by {data['command_id']})")
 
 
-def _disposition_json(done: Disposition) -> dict[str, Any]:
-    return {
-        "action": done.kind,
-        "count": len(done.handled),
-        "records": [
-            {"position": p.position, "topic": p.topic, "freeze": p.freeze_id} for p in done.handled
-        ],
-        "still_frozen": [{"position": p.position, "frozen_by": f} for p, f in done.still_frozen],
-        "settled_before": done.settled_before,
-        "journal_event": done.event_id,
-    }
-
-
-def _show(done: Disposition, json_out: bool, dry_run: bool) -> None:
-    if json_out:
-        print_json({**_disposition_json(done), "dry_run": dry_run})
-        return
-    verb = {"release": "released", "discard": "discarded"}[done.kind]
-    prefix = "would have " if dry_run else ""
-    console.print(
-        f"{prefix}{verb} {len(done.handled)} parked record(s)"
-        + (f"; journaled as {done.event_id}" if done.event_id else "")
-    )
-    for parked, blocker in done.still_frozen:
-        console.print(f"  kept {parked.position}: still frozen by {blocker}")
-
-
-def release(
-    freeze_ids: Annotated[
-        list[str] | None, typer.Option("--freeze", help="Only records parked by this freeze.")
-    ] = None,
-    to: Annotated[
-        str | None, typer.Option("--to", help="Send them to this topic instead of their own.")
-    ] = None,
-    reason: Annotated[str, typer.Option("--reason")] = "",
-    issuer: Annotated[str, typer.Option("--issuer")] = "operator",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what it would do.")] = False,
-    json_out: bool = JSON_OPTION,
-) -> None:
-    """Replay parked records whose scope is no longer frozen back to their topic (journaled).
-
-    Example: backout release --freeze cmd_5f2c... --dry-run
-    """
-    settings = load_settings()
-    bootstrap = resolve_bootstrap(settings)
-    guard = _view(settings)
-    sink = KafkaEventSink(settings, bootstrap)
-    try:
-        records = read_quarantine(settings, bootstrap)
-        active = {f.command_id for f in guard.freezes()}
-        done = release_parked(
-            settings,
-            sink,
-            records,
-            guard,
-            active_ids=active,
-            freeze_ids=set(freeze_ids) if freeze_ids else None,
-            to=to,
-            issuer=issuer,
-            reason=reason,
-            dry_run=dry_run,
-        )
-    finally:
-        sink.close()
-        guard.close()
-    _show(done, json_out, dry_run)
-
-
-def discard(
-    freeze_ids: Annotated[
-        list[str] | None, typer.Option("--freeze", help="Records parked by this freeze.")
-    ] = None,
-    everything: Annotated[bool, typer.Option("--all", help="Every parked record.")] = False,
-    reason: Annotated[str, typer.Option("--reason", help="e.g. 'rolled back'.")] = "",
-    issuer: Annotated[str, typer.Option("--issuer")] = "operator",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what it would do.")] = False,
-    json_out: bool = JSON_OPTION,
-) -> None:
-    """Drop parked records for good (after a rollback): they are never released (journaled).
-
-    Example: backout discard --freeze cmd_5f2c... --reason "rolled back by rb_12"
-    """
-    if not freeze_ids and not everything:
-        raise ConfigError("give --freeze ID (repeatable) or --all")
-    if not reason and not dry_run:
-        raise ConfigError("give a --reason: the journal records it")
-    settings = load_settings()
-    bootstrap = resolve_bootstrap(settings)
-    sink = KafkaEventSink(settings, bootstrap)
-    try:
-        records = read_quarantine(settings, bootstrap)
-        done = discard_parked(
-            settings,
-            sink,
-            records,
-            freeze_ids=None if everything else set(freeze_ids or []),
-            issuer=issuer,
-            reason=reason,
-            dry_run=dry_run,
-        )
-    finally:
-        sink.close()
-    _show(done, json_out, dry_run)
-
-
 def control_audit(
     once: Annotated[
         bool, typer.Option("--once", help="Check the history, report, and exit.")
@@ -605,6 +495,4 @@ def register(app: typer.Typer) -> None:
     app.command()(freezes)
     app.command()(approve)
     app.command()(deny)
-    app.command()(release)
-    app.command()(discard)
     app.command("control-audit")(control_audit)
