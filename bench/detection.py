@@ -408,7 +408,7 @@ def bench_replay(n: int, tmp: Path) -> list[Figure]:
     ]
 
 
-def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
+def run(sizes: Sizes, bootstrap: str | None, only: str | None = None) -> list[Figure]:
     broker: Broker | None = None
     if not bootstrap:
         broker = start_embedded()
@@ -416,13 +416,18 @@ def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
     figures: list[Figure] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
-            for part in (
-                lambda: bench_throughput(bootstrap, sizes.throughput, Path(tmp) / "t"),
-                lambda: bench_latency(
+            parts = {
+                "throughput": lambda: bench_throughput(
+                    bootstrap, sizes.throughput, Path(tmp) / "t"
+                ),
+                "latency": lambda: bench_latency(
                     bootstrap, sizes.latency_s, sizes.latency_rate, Path(tmp) / "l"
                 ),
-                lambda: bench_replay(sizes.replay, Path(tmp)),
-            ):
+                "replay": lambda: bench_replay(sizes.replay, Path(tmp)),
+            }
+            for name, part in parts.items():
+                if only is not None and name != only:
+                    continue
                 for figure in part():
                     show(figure)
                     figures.append(figure)
@@ -438,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     size.add_argument("--full", action="store_true", help="1,000,000-action replay, longer runs")
+    parser.add_argument(
+        "--only", choices=("throughput", "latency", "replay"), help="run one part only"
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL if args.full else DEFAULT
     name = "quick" if args.quick else "full" if args.full else "default"
@@ -448,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{sizes.replay:,}), Python {sys.version.split()[0]}, {os.cpu_count()} CPUs",
         flush=True,
     )
-    run(sizes, settings.bootstrap)
+    run(sizes, settings.bootstrap, args.only)
 
 
 if __name__ == "__main__":

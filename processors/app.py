@@ -8,25 +8,28 @@ Topology (``P`` = ``settings.topic_prefix``)::
     detector state: Faust table "state" (changelog P.processors-state-changelog),
     one entry per agent and per run, partitioned like the routed topic.
 
-Both agents take batches (``noack_take``) and hand them to the broker-free stages in
-:mod:`backout.processors.stages`, which process a batch at once and queue its outputs;
-a :class:`Pipeline` per stage acknowledges records (so Faust may commit their offsets)
+Faust's consumer hands each fetch to the two stages as it comes, one list per
+partition (bulk delivery, :meth:`~backout.processors.transport.TunedApp.bulk`: no
+per-record messages, events or stream buffers), in offset order. The broker-free stages
+in :mod:`backout.processors.stages` process a batch at once and queue its outputs; a
+:class:`Pipeline` per stage acknowledges records (so Faust may commit their offsets)
 only when their outputs, and the state checkpoint that covers them, are durable. The
-transport is tuned in
-:mod:`backout.processors.transport`. Every worker with the same ``topic_prefix`` joins
-one consumer group, so more workers split the partitions; a restarted worker recovers
-the table from its changelog and resumes from the committed offsets.
+transport is tuned in :mod:`backout.processors.transport`. Every worker with the same
+``topic_prefix`` joins one consumer group, so more workers split the partitions; a
+restarted worker recovers the table from its changelog and resumes from the committed
+offsets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
+from faust.types import TP
 
 from backout.infra.settings import Settings
 from backout.processors.engine import Engine
@@ -37,13 +40,19 @@ from backout.processors.stages import (
     Emitter,
     Headers,
     Ledger,
-    Record,
     RouteStage,
     Stats,
     Store,
 )
 from backout.processors.supervisor import Supervisor
-from backout.processors.transport import LeanMonitor, RawSchema, StateTable, TunedApp, Tuning
+from backout.processors.transport import (
+    LeanMonitor,
+    RawSchema,
+    StateTable,
+    TunedApp,
+    TunedConsumer,
+    Tuning,
+)
 from backout.producers.targets import Target
 from backout.schemas.registry import make_codec
 from backout.schemas.signing import SigningKey
@@ -104,17 +113,18 @@ class Pipeline:
         self._checkpoint = checkpoint
         self._interval = interval_s
         self._soft = soft_limit
-        self._batches: list[tuple[Any, Sequence[Any], list[Awaitable[object]]]] = []
+        self._batches: list[tuple[Callable[[], None], int, list[Awaitable[object]]]] = []
         self._waiting = 0
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     async def submit(
-        self, stream: Any, events: Sequence[Any], outputs: list[Awaitable[object]]
+        self, acknowledge: Callable[[], None], count: int, outputs: list[Awaitable[object]]
     ) -> None:
-        """Add a processed batch (call right after processing it, before any await)."""
-        self._batches.append((stream, events, outputs))
-        self._waiting += len(events)
+        """Add a processed batch of ``count`` records (call right after processing it,
+        before any await); ``acknowledge`` is called once it is settled."""
+        self._batches.append((acknowledge, count, outputs))
+        self._waiting += count
         if self._ticker is None:
             self._ticker = asyncio.ensure_future(self._tick())
         if self._waiting >= self._soft:
@@ -150,22 +160,13 @@ class Pipeline:
             await asyncio.gather(*(o for _, _, outputs in batches for o in outputs))
             if store is not None:
                 await store()
-            for stream, events, _ in batches:
-                for event in events:
-                    await stream.ack(event)
-                self._waiting -= len(events)
+            for acknowledge, count, _ in batches:
+                acknowledge()
+                self._waiting -= count
         except Exception as exc:  # outputs not durable: crash, the records are redone
             log.exception("%s: cannot settle %d batches", self.name, len(batches))
             await self._app.crash(exc)
             raise
-
-
-def _records(events: Iterable[Any]) -> list[Record]:
-    out = []
-    for event in events:
-        m = event.message
-        out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, list(m.headers or ())))
-    return out
 
 
 class Processors:
@@ -260,33 +261,36 @@ class Processors:
             interval_s=tuning.checkpoint_s,
             soft_limit=tuning.settle_records,
         )
-        actions_topic = app.topic(actions, schema=RawSchema())
-        routed_topic = app.topic(
-            routed,
-            schema=RawSchema(),
-            internal=True,
-            partitions=settings.actions_partitions,
-            replicas=settings.replication_factor,
+        app.bulk(app.topic(actions, schema=RawSchema()), self._route)
+        app.bulk(
+            app.topic(
+                routed,
+                schema=RawSchema(),
+                internal=True,
+                partitions=settings.actions_partitions,
+                replicas=settings.replication_factor,
+            ),
+            self._detect,
         )
-        app.agent(actions_topic, name="route")(self._route)
-        app.agent(routed_topic, name="detect")(self._detect)
         if self.supervisor.active:
             app.task(self._supervise)
         app.timer(interval=30.0)(self._report)
         app.on_partitions_revoked.connect(self._revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._assigned)  # type: ignore[arg-type]
 
-    async def _route(self, stream: Any) -> None:
-        tuning = self.tuning
-        async for events in stream.noack_take(tuning.route_batch, within=tuning.route_within_s):
-            await self._routing.submit(stream, events, self.router.process(_records(events)))
-            self._batch("route", len(events))
+    @property
+    def _consumer(self) -> TunedConsumer:
+        return cast(TunedConsumer, self.app.consumer)
 
-    async def _detect(self, stream: Any) -> None:
-        tuning = self.tuning
-        async for events in stream.noack_take(tuning.detect_batch, within=tuning.detect_within_s):
-            await self._detecting.submit(stream, events, self.detector.process(_records(events)))
-            self._batch("detect", len(events))
+    async def _route(self, tp: TP, records: list[Any]) -> None:
+        acknowledge = self._consumer.acknowledger(tp, records[0].offset, records[-1].offset)
+        await self._routing.submit(acknowledge, len(records), self.router.process(records))
+        self._batch("route", len(records))
+
+    async def _detect(self, tp: TP, records: list[Any]) -> None:
+        acknowledge = self._consumer.acknowledger(tp, records[0].offset, records[-1].offset)
+        await self._detecting.submit(acknowledge, len(records), self.detector.process(records))
+        self._batch("detect", len(records))
 
     async def _supervise(self) -> None:
         await self.supervisor.run()
@@ -344,7 +348,6 @@ def _faust_app(
         broker_rebalance_timeout=max(60.0, tuning.session_timeout_s * 4),
         broker_commit_interval=tuning.commit_interval_s,
         broker_max_poll_records=tuning.max_poll_records,
-        stream_buffer_maxsize=4 * tuning.max_poll_records,
         consumer_auto_offset_reset="earliest",
         producer_linger_ms=tuning.linger_ms,
         producer_acks=-1,

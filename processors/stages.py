@@ -52,6 +52,30 @@ DLQ_CONSUMER = "backout-dlq-consumer"
 """Dead-letter header: which stage gave up on it (``processors:route``, ``processors:detect``)."""
 
 
+class Incoming(Protocol):
+    """A consumed record: a :class:`Record`, or the Kafka client's record as it came."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+
+def position_of(record: Incoming) -> str:
+    """``topic/partition@offset`` of ``record``."""
+    return f"{record.topic}/{record.partition}@{record.offset}"
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """A consumed record with its position."""
@@ -93,6 +117,10 @@ class StateStore(Protocol):
     def put(self, key: bytes, value: bytes, partition: int) -> Awaitable[object]: ...
 
     def drop(self, key: bytes, partition: int) -> Awaitable[object] | None: ...
+
+    def seal(self, partitions: Iterable[int]) -> Awaitable[None]:
+        """Mark the end of a checkpoint on ``partitions`` (after its writes are durable)."""
+        ...
 
 
 class Ledger(Protocol):
@@ -185,7 +213,7 @@ class Emitter:
 
     def dead_letter(
         self,
-        record: Record,
+        record: Incoming,
         reason: str,
         stage: str,
         *,
@@ -194,7 +222,7 @@ class Emitter:
     ) -> Awaitable[object]:
         """Park ``record`` (or ``value`` taken from it) on the dead-letter topic."""
         self.stats.dead_letters += 1
-        where = source or record.position
+        where = source or position_of(record)
         log.warning("dead-lettering %s (%s): %s", where, stage, reason)
         return self._outbox.send(
             self._dlq,
@@ -211,7 +239,7 @@ class Emitter:
 class Sampler(Protocol):
     """Supervisor sampling hook of the route stage."""
 
-    def observe(self, record: Record, event_id: str, event: ActionEvent | None) -> None:
+    def observe(self, record: Incoming, event_id: str, event: ActionEvent | None) -> None:
         """See one action record (``event`` when it was already decoded)."""
         ...
 
@@ -238,11 +266,11 @@ class RouteStage:
         self._envelope_bytes = envelope_bytes
         self._sampler = sampler
 
-    async def handle(self, records: Sequence[Record]) -> None:
+    async def handle(self, records: Sequence[Incoming]) -> None:
         """Route ``records`` and wait until the routed batches are acknowledged."""
         await asyncio.gather(*self.process(records))
 
-    def process(self, records: Sequence[Record]) -> list[Awaitable[object]]:
+    def process(self, records: Sequence[Incoming]) -> list[Awaitable[object]]:
         """Route ``records``; returns the acknowledgements of what was sent."""
         groups: dict[int, list[Routed]] = {}
         pending: list[Awaitable[object]] = []
@@ -335,12 +363,12 @@ class DetectStage:
         self._dirty: dict[bytes, int] = {}
         """Keys changed since the last checkpoint snapshot -> their partition."""
 
-    async def handle(self, records: Sequence[Record]) -> None:
+    async def handle(self, records: Sequence[Incoming]) -> None:
         """Process ``records`` and wait until outputs and states are durable."""
         await asyncio.gather(*self.process(records))
         await self.checkpoint()()
 
-    def process(self, records: Sequence[Record]) -> list[Awaitable[object]]:
+    def process(self, records: Sequence[Incoming]) -> list[Awaitable[object]]:
         """Process routed ``records``; returns the acknowledgements of the outputs."""
         stats = self._emitter.stats
         pending: list[Awaitable[object]] = []
@@ -393,7 +421,9 @@ class DetectStage:
 
         async def store() -> None:
             written = []
+            partitions = set()
             for key, value, partition in snapshot:
+                partitions.add(partition)
                 if value is None:
                     dropped = self._store.drop(key, partition)
                     if dropped is not None:
@@ -403,6 +433,8 @@ class DetectStage:
                 else:
                     written.append(self._store.put(key, value, partition))
             await asyncio.gather(*written)
+            if partitions:
+                await self._store.seal(sorted(partitions))
             if len(self._cache) > self._max_cached:
                 self._cache = {k: v for k, v in self._cache.items() if k in self._dirty}
 

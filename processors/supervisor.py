@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from backout.processors.engine import Engine
 from backout.processors.policy import SupervisorSpec
 from backout.processors.rules import EventRef, Finding, drift_finding, samplable, sampled
-from backout.processors.stages import Emitter, Record
+from backout.processors.stages import Emitter, Incoming
 from backout.producers.targets import Target, TargetUnavailable
 from backout.schemas.errors import DecodeError
 from backout.schemas.events import ActionEvent, Severity
@@ -98,7 +98,7 @@ class Supervisor:
         """Checks waiting."""
         return len(self._pending)
 
-    def observe(self, record: Record, event_id: str, event: ActionEvent | None) -> None:
+    def observe(self, record: Incoming, event_id: str, event: ActionEvent | None) -> None:
         """See one action record in log order (``event`` when already decoded)."""
         key = record.key
         if key is None:
@@ -179,7 +179,7 @@ class Supervisor:
         commands = self._engine.respond([finding], self._issued)
         await asyncio.gather(*self._emitter.outcome([finding], commands))
 
-    def _decode(self, record: Record) -> ActionEvent | None:
+    def _decode(self, record: Incoming) -> ActionEvent | None:
         try:
             event: ActionEvent = self._codec.decode(record.value or b"", ActionEvent)
         except DecodeError:

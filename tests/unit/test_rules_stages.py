@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -79,6 +79,7 @@ class FakeOutbox:
 class FakeStore:
     data: dict[bytes, bytes] = field(default_factory=dict)
     puts: int = 0
+    seals: list[list[int]] = field(default_factory=list)
 
     def read(self, key: bytes) -> bytes | None:
         return self.data.get(key)
@@ -90,6 +91,9 @@ class FakeStore:
 
     def drop(self, key: bytes, partition: int) -> Awaitable[object] | None:
         return asyncio.sleep(0) if self.data.pop(key, None) is not None else None
+
+    async def seal(self, partitions: Iterable[int]) -> None:
+        self.seals.append(list(partitions))
 
 
 @dataclass
@@ -296,6 +300,10 @@ async def test_states_are_written_once_per_checkpoint_not_per_batch() -> None:
     assert store.puts == 0 and stage.dirty == 2
     await stage.checkpoint()()
     assert store.puts == 2 and stage.dirty == 0
+    # each checkpoint ends with one seal on the partition it wrote to, none when unchanged
+    assert store.seals == [[0]]
+    await stage.checkpoint()()
+    assert store.seals == [[0]]
 
 
 # --- supervisor -------------------------------------------------------------------------
