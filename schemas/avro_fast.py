@@ -4,130 +4,71 @@ fastavro resolves every union value by validating it against each branch, which 
 our union-heavy records (optional fields, JSON value maps) cost several times their
 bytes. Our schemas are fixed, so this module turns each one, once, into a specialised
 writer (model -> bytes) and reader (bytes -> model) that pick union branches by Python
-type and inline the primitive encodings. It implements the Avro binary encoding for the
-types our schemas use (null, boolean, int, long, float, double, bytes, string, enum,
-array, map, union, record, timestamp-micros); the tests check it against fastavro in both
-directions. Reading an older writer schema (schema resolution) is left to fastavro.
+type and inline the primitive encodings (``avro_binary.py`` holds the rest). It
+implements the Avro binary encoding for the types our schemas use (null, boolean, int,
+long, float, double, bytes, string, enum, array, map, union, record, timestamp-micros);
+the tests check it against fastavro in both directions. Reading an older writer schema
+(schema resolution) is left to fastavro.
+
+Records are built as ``model_construct`` would build them with every field given (no
+validation, every field in ``model_fields_set``), but with the field values put in place
+directly: the bytes were written with the model's own schema.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import struct
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from backout.schemas.avro_binary import (
+    DOUBLE,
+    EPOCH,
+    FLOAT,
+    AvroFastError,
+    load_json_text,
+    read_json,
+    read_long,
+    read_micros,
+    write_json,
+    write_long,
+    write_micros,
+)
 from backout.schemas.events import trusted_constructor
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_DOUBLE = struct.Struct("<d")
-_FLOAT = struct.Struct("<f")
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+__all__ = ["AvroFastError", "Binding", "CompiledRecord", "read_json", "read_long",
+           "write_json", "write_long"]
+
 _JSON_UNION = ["null", "boolean", "long", "double", "string", "JsonText"]
-
-
-class AvroFastError(ValueError):
-    """A value does not fit the schema, or bytes are not a valid encoding of it."""
-
-
-def write_long(n: int, out: bytearray) -> None:
-    """Append a zig-zag varint (Avro int/long)."""
-    if not _INT64_MIN <= n <= _INT64_MAX:
-        raise AvroFastError(f"{n} does not fit a long")
-    z = (n << 1) ^ (n >> 63)
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-
-
-def read_long(buf: bytes, pos: int) -> tuple[int, int]:
-    """Read a zig-zag varint at ``pos``; returns (value, next position)."""
-    z = 0
-    shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        z |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (z >> 1) ^ -(z & 1), pos
-        shift += 7
-        if shift > 63:
-            raise AvroFastError("varint longer than 10 bytes")
-
-
-def write_json(value: Any, out: bytearray) -> None:
-    """A JSON value as the union [null, boolean, long, double, string, JsonText]."""
-    t = type(value)
-    if t is str:
-        data = value.encode("utf-8")
-        n = len(data)
-        if n < 64:
-            out.append(8)
-            out.append(n << 1)
-        else:
-            out.append(8)
-            write_long(n, out)
-        out += data
-    elif value is None:
-        out.append(0)
-    elif t is bool:
-        out.append(2)
-        out.append(1 if value else 0)
-    elif t is int and _INT64_MIN <= value <= _INT64_MAX:
-        out.append(4)
-        write_long(value, out)
-    elif t is float:
-        out.append(6)
-        out += _DOUBLE.pack(value)
-    else:
-        data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
-        out.append(10)
-        write_long(len(data), out)
-        out += data
-
-
-def read_json(buf: bytes, pos: int) -> tuple[Any, int]:
-    """Inverse of :func:`write_json`."""
-    tag = buf[pos]
-    pos += 1
-    if tag == 8:
-        n, pos = read_long(buf, pos)
-        end = pos + n
-        return buf[pos:end].decode("utf-8"), end
-    if tag == 0:
-        return None, pos
-    if tag == 2:
-        return buf[pos] == 1, pos + 1
-    if tag == 4:
-        return read_long(buf, pos)
-    if tag == 6:
-        return _DOUBLE.unpack_from(buf, pos)[0], pos + 8
-    if tag == 10:
-        n, pos = read_long(buf, pos)
-        end = pos + n
-        return json.loads(buf[pos:end].decode("utf-8")), end
-    raise AvroFastError(f"invalid JSON value union index {tag}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The two bytes that start a short string (tag 8, then its length) and a small long (tag 4,
+# then its zig-zag byte) in the JSON value union, so one += writes both.
+_JSON_STR = [bytes((8, n << 1)) for n in range(64)]
+_JSON_INT = [bytes((4, ((v << 1) ^ (v >> 63)) & 0xFF)) for v in range(-64, 64)]
+_JSON_BOOL = (b"\x02\x00", b"\x02\x01")
+# A length's first byte -> the length when that byte is all of it, else -1 (read it whole).
+_SIZE = [-1 if b & 0x81 else b >> 1 for b in range(256)]
 
 
 def _micros(value: datetime) -> int:
     if value.tzinfo is None:
         raise AvroFastError("timestamps must be timezone-aware")
-    delta = value - _EPOCH
+    delta = value - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _datetime(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)
+    return EPOCH + timedelta(0, 0, micros)
 
 
 class Binding:
     """How records and enums of a schema map to Python classes.
 
     Args:
-        records: Avro record name -> class with ``model_construct`` (pydantic) whose
-            attributes carry the fields.
+        records: Avro record name -> pydantic model class; records without a class are
+            read as plain dicts.
         enums: Avro enum name -> enum class whose values are the symbols.
     """
 
@@ -136,8 +77,19 @@ class Binding:
         self.enums = enums
 
 
+def _at(skip: int) -> str:
+    """The position expression ``skip`` bytes past ``pos``."""
+    return f"pos + {skip}" if skip else "pos"
+
+
 class _Gen:
-    """Emits Python source for one schema's writer and reader."""
+    """Emits Python source for one schema's writer and reader.
+
+    ``read(schema, target, ind)`` emits code that reads one value at ``pos`` in ``buf``
+    into the local ``target`` and advances ``pos``; ``write(schema, expr, ind)`` emits
+    code appending ``expr`` to the bytearray ``out``. The names the code uses are in
+    ``env`` (``exec`` the joined ``lines`` in a copy of it).
+    """
 
     def __init__(self, binding: Binding) -> None:
         self.binding = binding
@@ -145,8 +97,13 @@ class _Gen:
         self.lines: list[str] = []
         self.env: dict[str, Any] = {
             "write_long": write_long, "read_long": read_long, "write_json": write_json,
-            "read_json": read_json, "_DOUBLE": _DOUBLE, "_FLOAT": _FLOAT, "_micros": _micros,
-            "_datetime": _datetime, "AvroFastError": AvroFastError, "datetime": datetime}
+            "read_json": read_json, "load_json_text": load_json_text,
+            "write_micros": write_micros, "read_micros": read_micros,
+            "_DOUBLE": DOUBLE, "_FLOAT": FLOAT, "_EPOCH": EPOCH, "_td": timedelta,
+            "_micros": _micros, "_datetime": _datetime, "AvroFastError": AvroFastError,
+            "datetime": datetime, "_JSON_STR": _JSON_STR, "_JSON_INT": _JSON_INT,
+            "_JSON_BOOL": _JSON_BOOL, "_SIZE": _SIZE,
+            "_new": object.__new__, "_set": object.__setattr__}
         self.counter = 0
 
     def var(self, prefix: str) -> str:
@@ -155,6 +112,14 @@ class _Gen:
 
     def emit(self, indent: int, line: str) -> None:
         self.lines.append("    " * indent + line)
+
+    def local(self, expr: str, prefix: str, ind: int) -> str:
+        """``expr`` itself when it is a plain name, else a new local holding it."""
+        if _NAME.fullmatch(expr):
+            return expr
+        name = self.var(prefix)
+        self.emit(ind, f"{name} = {expr}")
+        return name
 
     def resolve(self, schema: Any) -> Any:
         if isinstance(schema, str) and schema in self.named:
@@ -178,14 +143,16 @@ class _Gen:
         if not isinstance(schema, list):
             return False
         names = [b if isinstance(b, str) else b.get("name", b.get("type")) for b in schema]
-        return [n.rsplit(".", 1)[-1] for n in names] == _JSON_UNION
+        if [n.rsplit(".", 1)[-1] for n in names] != _JSON_UNION:
+            return False
+        for branch in schema:
+            self.resolve(branch)
+        return True
 
     # --- writing ------------------------------------------------------------------------
     def write(self, schema: Any, expr: str, ind: int) -> None:
         if self.is_json_union(schema):
-            for b in schema:
-                self.resolve(b)
-            self.emit(ind, f"write_json({expr}, out)")
+            self.write_json(expr, ind)
             return
         schema = self.resolve(schema)
         kind = self.kind(schema)
@@ -194,51 +161,25 @@ class _Gen:
         if kind == "boolean":
             self.emit(ind, f"out.append(1 if {expr} else 0)")
         elif kind in ("int", "long"):
-            x = self.var("x")
-            self.emit(ind, f"{x} = {expr}")
-            self.write_size(x, ind, signed=True)
+            self.write_size(expr, ind, signed=True)
         elif kind == "timestamp":
-            v = self.var("t")
-            self.emit(ind, f"{v} = {expr}")
-            self.emit(ind, f"write_long(_micros({v}) if isinstance({v}, datetime) else {v}, out)")
+            self.emit(ind, f"write_micros({expr}, out)")
         elif kind == "double":
             self.emit(ind, f"out += _DOUBLE.pack({expr})")
         elif kind == "float":
             self.emit(ind, f"out += _FLOAT.pack({expr})")
         elif kind in ("string", "bytes"):
-            d = self.var("d")
-            enc = ".encode('utf-8')" if kind == "string" else ""
-            self.emit(ind, f"{d} = {expr}{enc}")
-            self.write_size(f"len({d})", ind)
-            self.emit(ind, f"out += {d}")
+            self.write_bytes(f"{expr}.encode()" if kind == "string" else expr, ind)
         elif kind == "enum":
             table = self.var("ENUM")
             self.env[table] = {s: i << 1 for i, s in enumerate(schema["symbols"])}
             self.emit(ind, f"out.append({table}[{expr}])")
-        elif kind == "array":
-            a, item = self.var("a"), self.var("i")
-            self.emit(ind, f"{a} = {expr}")
-            self.emit(ind, f"if {a}:")
-            self.emit(ind + 1, f"write_long(len({a}), out)")
-            self.emit(ind + 1, f"for {item} in {a}:")
-            self.write(schema["items"], item, ind + 2)
-            self.emit(ind, "out.append(0)")
-        elif kind == "map":
-            m, k, val, d = self.var("m"), self.var("k"), self.var("v"), self.var("d")
-            self.emit(ind, f"{m} = {expr}")
-            self.emit(ind, f"if {m}:")
-            self.emit(ind + 1, f"write_long(len({m}), out)")
-            self.emit(ind + 1, f"for {k}, {val} in {m}.items():")
-            self.emit(ind + 2, f"{d} = {k}.encode('utf-8')")
-            self.write_size(f"len({d})", ind + 2)
-            self.emit(ind + 2, f"out += {d}")
-            self.write(schema["values"], val, ind + 2)
-            self.emit(ind, "out.append(0)")
+        elif kind in ("array", "map"):
+            self.write_block(schema, kind, expr, ind)
         elif kind == "union":
             self.write_union(schema, expr, ind)
         elif kind == "record":
-            r = self.var("r")
-            self.emit(ind, f"{r} = {expr}")
+            r = self.local(expr, "r", ind)
             for field in schema["fields"]:
                 self.write(field["type"], f"{r}.{field['name']}", ind)
         else:
@@ -246,20 +187,62 @@ class _Gen:
 
     def write_size(self, expr: str, ind: int, *, signed: bool = False) -> None:
         """Write a long, inlining the one-byte case (0 <= n < 64)."""
-        n = self.var("n")
-        self.emit(ind, f"{n} = {expr}")
+        n = self.local(expr, "n", ind)
         self.emit(ind, f"if {'0 <= ' if signed else ''}{n} < 64:")
         self.emit(ind + 1, f"out.append({n} << 1)")
         self.emit(ind, "else:")
         self.emit(ind + 1, f"write_long({n}, out)")
+
+    def write_bytes(self, expr: str, ind: int) -> None:
+        d = self.var("d")
+        self.emit(ind, f"{d} = {expr}")
+        self.write_size(f"len({d})", ind)
+        self.emit(ind, f"out += {d}")
+
+    def write_json(self, expr: str, ind: int) -> None:
+        """A JSON value, by Python type: common scalars inline, the rest via write_json."""
+        v, t, d, n = self.local(expr, "v", ind), self.var("t"), self.var("d"), self.var("n")
+        self.emit(ind, f"{t} = type({v})")
+        self.emit(ind, f"if {t} is str:")
+        self.emit(ind + 1, f"{d} = {v}.encode()")
+        self.emit(ind + 1, f"{n} = len({d})")
+        self.emit(ind + 1, f"if {n} < 64:")
+        self.emit(ind + 2, f"out += _JSON_STR[{n}]")
+        self.emit(ind + 1, "else:")
+        self.emit(ind + 2, "out.append(8)")
+        self.emit(ind + 2, f"write_long({n}, out)")
+        self.emit(ind + 1, f"out += {d}")
+        self.emit(ind, f"elif {v} is None:")
+        self.emit(ind + 1, "out.append(0)")
+        self.emit(ind, f"elif {t} is bool:")
+        self.emit(ind + 1, f"out += _JSON_BOOL[{v}]")
+        self.emit(ind, f"elif {t} is int and -64 <= {v} < 64:")
+        self.emit(ind + 1, f"out += _JSON_INT[{v} + 64]")
+        self.emit(ind, f"elif {t} is float:")
+        self.emit(ind + 1, "out.append(6)")
+        self.emit(ind + 1, f"out += _DOUBLE.pack({v})")
+        self.emit(ind, "else:")
+        self.emit(ind + 1, f"write_json({v}, out)")
+
+    def write_block(self, schema: Any, kind: str, expr: str, ind: int) -> None:
+        m, item = self.local(expr, "m", ind), self.var("x")
+        self.emit(ind, f"if {m}:")
+        self.write_size(f"len({m})", ind + 1)
+        if kind == "array":
+            self.emit(ind + 1, f"for {item} in {m}:")
+        else:
+            key = self.var("k")
+            self.emit(ind + 1, f"for {key}, {item} in {m}.items():")
+            self.write_bytes(f"{key}.encode()", ind + 2)
+        self.write(schema["items" if kind == "array" else "values"], item, ind + 2)
+        self.emit(ind, "out.append(0)")
 
     def write_union(self, branches: list[Any], expr: str, ind: int) -> None:
         resolved = [self.resolve(b) for b in branches]
         kinds = [self.kind(b) for b in resolved]
         if len(branches) != 2 or kinds[0] != "null":
             raise AvroFastError(f"unsupported union {kinds}: only [null, X] and JSON values")
-        u = self.var("u")
-        self.emit(ind, f"{u} = {expr}")
+        u = self.local(expr, "u", ind)
         self.emit(ind, f"if {u} is None:")
         self.emit(ind + 1, "out.append(0)")
         self.emit(ind, "else:")
@@ -267,109 +250,126 @@ class _Gen:
         self.write(branches[1], u, ind + 1)
 
     # --- reading ------------------------------------------------------------------------
-    def read(self, schema: Any, target: str, ind: int) -> None:
-        """Emit code that reads one value into the local ``target``."""
+    def read(self, schema: Any, target: str, ind: int, skip: int = 0) -> None:
+        """Emit code that reads one value at ``pos + skip`` into the local ``target``."""
         if self.is_json_union(schema):
-            # Short strings, doubles, small longs and nulls inline; the rest via read_json.
-            n, tag = self.var("n"), self.var("tag")
-            self.emit(ind, f"{tag} = buf[pos]")
-            self.emit(ind, f"{n} = buf[pos + 1] if {tag} else 1")
-            self.emit(ind, f"if {tag} == 8 and {n} < 128 and not {n} & 1:")
-            self.emit(ind + 1, f"{n} >>= 1")
-            self.emit(ind + 1, f"{target} = buf[pos + 2:pos + 2 + {n}].decode('utf-8')")
-            self.emit(ind + 1, f"pos += 2 + {n}")
-            self.emit(ind, f"elif {tag} == 6:")
-            self.emit(ind + 1, f"{target} = _DOUBLE.unpack_from(buf, pos + 1)[0]")
-            self.emit(ind + 1, "pos += 9")
-            self.emit(ind, f"elif {tag} == 4 and {n} < 128:")
-            self.emit(ind + 1, f"{target} = ({n} >> 1) ^ -({n} & 1)")
-            self.emit(ind + 1, "pos += 2")
-            self.emit(ind, f"elif {tag} == 0:")
-            self.emit(ind + 1, f"{target} = None")
-            self.emit(ind + 1, "pos += 1")
-            self.emit(ind, "else:")
-            self.emit(ind + 1, f"{target}, pos = read_json(buf, pos)")
+            self.read_json(target, ind, skip)
             return
         schema = self.resolve(schema)
         kind = self.kind(schema)
+        at = _at(skip)
         if kind == "null":
             self.emit(ind, f"{target} = None")
+            self.advance(ind, skip)
         elif kind == "boolean":
-            self.emit(ind, f"{target} = buf[pos] == 1")
-            self.emit(ind, "pos += 1")
+            self.emit(ind, f"{target} = buf[{at}] == 1")
+            self.advance(ind, skip + 1)
         elif kind in ("int", "long"):
-            self.read_long(target, ind)
+            self.read_long(target, ind, skip)
         elif kind == "timestamp":
-            self.emit(ind, f"{target}, pos = read_long(buf, pos)")
-            self.emit(ind, f"{target} = _datetime({target})")
-        elif kind == "double":
-            self.emit(ind, f"{target} = _DOUBLE.unpack_from(buf, pos)[0]")
-            self.emit(ind, "pos += 8")
-        elif kind == "float":
-            self.emit(ind, f"{target} = _FLOAT.unpack_from(buf, pos)[0]")
-            self.emit(ind, "pos += 4")
+            self.emit(ind, f"{target}, pos = read_micros(buf, {at})")
+        elif kind in ("double", "float"):
+            self.emit(ind, f"{target} = _{kind.upper()}.unpack_from(buf, {at})[0]")
+            self.advance(ind, skip + (8 if kind == "double" else 4))
         elif kind in ("string", "bytes"):
-            n = self.var("n")
-            self.read_size(n, ind)
-            dec = ".decode('utf-8')" if kind == "string" else ""
-            self.emit(ind, f"{target} = buf[pos:pos + {n}]{dec}")
-            self.emit(ind, f"pos += {n}")
+            self.read_bytes(target, ind, skip, text=kind == "string")
         elif kind == "enum":
-            members = self.var("MEMBERS")
-            enum_cls = self.binding.enums.get(schema["name"])
-            self.env[members] = [enum_cls(s) if enum_cls else s for s in schema["symbols"]]
-            idx = self.var("e")
-            self.read_size(idx, ind)
-            self.emit(ind, f"{target} = {members}[{idx}]")
+            self.read_enum(schema, target, ind, skip)
         elif kind in ("array", "map"):
+            self.advance(ind, skip)
             self.read_block(schema, kind, target, ind)
         elif kind == "union":
             resolved = [self.resolve(b) for b in schema]
             tag = self.var("tag")
-            self.emit(ind, f"{tag} = buf[pos]")
-            self.emit(ind, "pos += 1")
+            self.emit(ind, f"{tag} = buf[{at}]")
             self.emit(ind, f"if {tag} == 0:")
             self.emit(ind + 1, f"{target} = None")
+            self.advance(ind + 1, skip + 1)
             self.emit(ind, f"elif {tag} == 2:")
-            self.read(resolved[1], target, ind + 1)
+            self.read(resolved[1], target, ind + 1, skip + 1)
             self.emit(ind, "else:")
             self.emit(ind + 1, f"raise AvroFastError('invalid union index ' + str({tag}))")
         elif kind == "record":
-            cls = self.binding.records.get(schema["name"])
-            names = []
-            for field in schema["fields"]:
-                local = self.var("f")
-                self.read(field["type"], local, ind)
-                names.append(f"{field['name']}={local}")
-            ctor = self.var("CLS")
-            self.env[ctor] = trusted_constructor(cls) if cls is not None else dict
-            self.emit(ind, f"{target} = {ctor}({', '.join(names)})")
+            self.advance(ind, skip)
+            self.read_record(schema, target, ind)
         else:
             raise AvroFastError(f"unsupported schema type {kind!r}")
 
-    def read_long(self, target: str, ind: int) -> None:
+    def advance(self, ind: int, skip: int) -> None:
+        if skip:
+            self.emit(ind, f"pos += {skip}")
+
+    def read_long(self, target: str, ind: int, skip: int = 0) -> None:
         """Read a long, inlining the one-byte case."""
         b = self.var("b")
-        self.emit(ind, f"{b} = buf[pos]")
+        self.emit(ind, f"{b} = buf[{_at(skip)}]")
         self.emit(ind, f"if {b} < 128:")
         self.emit(ind + 1, f"{target} = ({b} >> 1) ^ -({b} & 1)")
-        self.emit(ind + 1, "pos += 1")
+        self.advance(ind + 1, skip + 1)
         self.emit(ind, "else:")
-        self.emit(ind + 1, f"{target}, pos = read_long(buf, pos)")
+        self.emit(ind + 1, f"{target}, pos = read_long(buf, {_at(skip)})")
 
-    def read_size(self, target: str, ind: int) -> None:
-        """Read a non-negative long (a length or an index); a negative one is corrupt."""
-        self.emit(ind, f"{target} = buf[pos]")
-        self.emit(ind, f"if {target} < 128 and not {target} & 1:")
-        self.emit(ind + 1, f"{target} >>= 1")
-        self.emit(ind + 1, "pos += 1")
+    def read_size(self, target: str, ind: int, skip: int = 0) -> None:
+        """Read a non-negative long (a length) and move ``pos`` past it."""
+        self.emit(ind, f"{target} = _SIZE[buf[{_at(skip)}]]")
+        self.emit(ind, f"if {target} >= 0:")
+        self.emit(ind + 1, f"pos += {skip + 1}")
         self.emit(ind, "else:")
-        self.emit(ind + 1, f"{target}, pos = read_long(buf, pos)")
+        self.emit(ind + 1, f"{target}, pos = read_long(buf, {_at(skip)})")
         self.emit(ind + 1, f"if {target} < 0:")
         self.emit(ind + 2, "raise AvroFastError('negative length or index')")
 
+    def read_bytes(self, target: str, ind: int, skip: int, *, text: bool) -> None:
+        n = self.var("n")
+        self.read_size(n, ind, skip)
+        self.emit(ind, f"{target} = buf[pos:pos + {n}]{'.decode()' if text else ''}")
+        self.emit(ind, f"pos += {n}")
+
+    def read_enum(self, schema: Any, target: str, ind: int, skip: int) -> None:
+        enum_cls = self.binding.enums.get(schema["name"])
+        members = [enum_cls(s) if enum_cls else s for s in schema["symbols"]]
+        table = self.var("MEMBERS")
+        if len(members) > 64:
+            self.env[table] = members
+            idx = self.var("e")
+            self.read_size(idx, ind, skip)
+            self.emit(ind, f"{target} = {table}[{idx}]")
+            return
+        # Indexed by the raw one-byte varint: members at even bytes, None elsewhere.
+        by_byte: list[Any] = [None] * 256
+        for i, member in enumerate(members):
+            by_byte[i << 1] = member
+        self.env[table] = by_byte
+        self.emit(ind, f"{target} = {table}[buf[{_at(skip)}]]")
+        self.emit(ind, f"if {target} is None:")
+        self.emit(ind + 1, "raise AvroFastError('invalid enum index')")
+        self.advance(ind, skip + 1)
+
+    def read_json(self, target: str, ind: int, skip: int) -> None:
+        """A JSON value, each branch inline (invalid tags raise in read_json)."""
+        tag, n = self.var("tag"), self.var("n")
+        self.emit(ind, f"{tag} = buf[{_at(skip)}]")
+        self.emit(ind, f"if {tag} == 8:")
+        self.read_bytes(target, ind + 1, skip + 1, text=True)
+        self.emit(ind, f"elif {tag} == 0:")
+        self.emit(ind + 1, f"{target} = None")
+        self.emit(ind + 1, f"pos += {skip + 1}")
+        self.emit(ind, f"elif {tag} == 6:")
+        self.emit(ind + 1, f"{target} = _DOUBLE.unpack_from(buf, pos + {skip + 1})[0]")
+        self.emit(ind + 1, f"pos += {skip + 9}")
+        self.emit(ind, f"elif {tag} == 4:")
+        self.read_long(target, ind + 1, skip + 1)
+        self.emit(ind, f"elif {tag} == 2:")
+        self.emit(ind + 1, f"{target} = buf[pos + {skip + 1}] == 1")
+        self.emit(ind + 1, f"pos += {skip + 2}")
+        self.emit(ind, f"elif {tag} == 10:")
+        self.read_bytes(n, ind + 1, skip + 1, text=True)
+        self.emit(ind + 1, f"{target} = load_json_text({n})")
+        self.emit(ind, "else:")
+        self.emit(ind + 1, f"{target}, pos = read_json(buf, {_at(skip)})")
+
     def read_block(self, schema: Any, kind: str, target: str, ind: int) -> None:
-        count, i, item, key = self.var("c"), self.var("i"), self.var("x"), self.var("k")
+        count, item, key = self.var("c"), self.var("x"), self.var("k")
         self.emit(ind, f"{target} = {'[]' if kind == 'array' else '{}'}")
         self.emit(ind, "while True:")
         self.read_long(count, ind + 1)
@@ -378,27 +378,75 @@ class _Gen:
         self.emit(ind + 1, f"if {count} < 0:")
         self.emit(ind + 2, f"{count} = -{count}")
         self.emit(ind + 2, "_, pos = read_long(buf, pos)")
-        self.emit(ind + 1, f"for {i} in range({count}):")
+        self.emit(ind + 1, f"for _ in range({count}):")
         if kind == "array":
             self.read(schema["items"], item, ind + 2)
             self.emit(ind + 2, f"{target}.append({item})")
         else:
-            self.read("string", key, ind + 2)
+            self.read_bytes(key, ind + 2, 0, text=True)
             self.read(schema["values"], item, ind + 2)
             self.emit(ind + 2, f"{target}[{key}] = {item}")
 
+    def read_record(self, schema: dict[str, Any], target: str, ind: int) -> None:
+        names = [field["name"] for field in schema["fields"]]
+        values = []
+        for field in schema["fields"]:
+            local = self.var("f")
+            self.read(field["type"], local, ind)
+            values.append(f"{field['name']!r}: {local}")
+        state = "{" + ", ".join(values) + "}"
+        cls = self.binding.records.get(schema["name"])
+        if cls is None:
+            self.emit(ind, f"{target} = {state}")
+            return
+        ctor = self.var("CLS")
+        if set(cls.model_fields) != set(names):
+            # The model and its schema differ: let the model fill in what is missing.
+            self.env[ctor] = trusted_constructor(cls)
+            self.emit(ind, f"{target} = {ctor}(**{state})")
+            return
+        fields_set = self.var("FIELDS")
+        self.env[ctor], self.env[fields_set] = cls, frozenset(names)
+        self.emit(ind, f"{target} = _new({ctor})")
+        self.emit(ind, f"_set({target}, '__dict__', {state})")
+        self.emit(ind, f"_set({target}, '__pydantic_fields_set__', set({fields_set}))")
+        self.emit(ind, f"_set({target}, '__pydantic_extra__', None)")
+        self.emit(ind, f"_set({target}, '__pydantic_private__', None)")
+
+
+WRITE_ERRORS = (KeyError, AttributeError, TypeError, struct.error, OverflowError, RecursionError)
+"""What the compiled writer raises for a value that does not fit the schema."""
+READ_ERRORS = (IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError,
+               RecursionError)
+"""What the compiled reader raises for bytes that are not a valid record (a JSONDecodeError
+is a ValueError)."""
+
+
+def read_error(exc: Exception) -> AvroFastError:
+    """The AvroFastError for an exception out of a compiled reader."""
+    if isinstance(exc, AvroFastError):
+        return exc
+    if isinstance(exc, IndexError):
+        return AvroFastError("truncated record")
+    return AvroFastError(f"corrupt record: {exc}")
+
 
 class CompiledRecord:
-    """A record schema compiled into ``write(model) -> bytes`` and ``read(bytes) -> model``."""
+    """A record schema compiled into ``write(model) -> bytes`` and ``read(bytes) -> model``.
+
+    ``writer(value, head)`` and ``reader(buf, pos)`` are the compiled functions themselves,
+    for callers that handle their exceptions (``WRITE_ERRORS``/``READ_ERRORS``) in place:
+    the writer returns ``head`` followed by the body, the reader reads a record from
+    ``pos`` that must end exactly at the end of ``buf``.
+    """
 
     def __init__(self, schema: dict[str, Any], binding: Binding) -> None:
         gen = _Gen(binding)
-        gen.emit(0, "def write(value):")
-        gen.emit(1, "out = bytearray()")
+        gen.emit(0, "def write(value, head=b''):")
+        gen.emit(1, "out = bytearray(head)")
         gen.write(schema, "value", 1)
         gen.emit(1, "return bytes(out)")
-        gen.emit(0, "def read(buf):")
-        gen.emit(1, "pos = 0")
+        gen.emit(0, "def read(buf, pos=0):")
         gen.read(schema, "result", 1)
         gen.emit(1, "if pos != len(buf):")
         gen.emit(2, "raise AvroFastError(f'{len(buf) - pos} byte(s) left over or missing')")
@@ -406,8 +454,8 @@ class CompiledRecord:
         self.source = "\n".join(gen.lines)
         namespace = dict(gen.env)
         exec(compile(self.source, f"<avro_fast {schema['name']}>", "exec"), namespace)
-        self._write: Callable[[Any], bytes] = namespace["write"]
-        self._read: Callable[[bytes], Any] = namespace["read"]
+        self.writer: Callable[[Any, bytes], bytes] = namespace["write"]
+        self.reader: Callable[[bytes, int], Any] = namespace["read"]
 
     def write(self, value: Any) -> bytes:
         """The Avro binary body of ``value``.
@@ -416,10 +464,10 @@ class CompiledRecord:
             AvroFastError: the value does not fit the schema.
         """
         try:
-            return self._write(value)
+            return self.writer(value, b"")
         except AvroFastError:
             raise
-        except (KeyError, AttributeError, TypeError, struct.error, OverflowError) as exc:
+        except WRITE_ERRORS as exc:
             raise AvroFastError(f"value does not fit the schema: {exc!r}") from exc
 
     def read(self, body: bytes) -> Any:
@@ -429,11 +477,7 @@ class CompiledRecord:
             AvroFastError: truncated, trailing or invalid bytes.
         """
         try:
-            return self._read(body)
-        except AvroFastError:
-            raise
-        except IndexError:
-            raise AvroFastError("truncated record") from None
-        except (UnicodeDecodeError, struct.error, json.JSONDecodeError, ValueError,
-                OverflowError) as exc:
-            raise AvroFastError(f"corrupt record: {exc}") from None
+            return self.reader(body, 0)
+        except READ_ERRORS as exc:
+            raise read_error(exc) from None
+

@@ -27,7 +27,14 @@ from fastavro import parse_schema, schemaless_reader
 from fastavro.schema import to_parsing_canonical_form
 from pydantic import BaseModel, JsonValue
 
-from backout.schemas.avro_fast import AvroFastError, Binding, CompiledRecord
+from backout.schemas.avro_fast import (
+    READ_ERRORS,
+    WRITE_ERRORS,
+    AvroFastError,
+    Binding,
+    CompiledRecord,
+    read_error,
+)
 from backout.schemas.errors import DecodeError, SchemaError
 from backout.schemas.events import (
     ActionEvent,
@@ -304,14 +311,27 @@ def compiled(record_type: type[BaseModel]) -> CompiledRecord:
     return CompiledRecord(_load_avsc(f"{record_type.__name__}.avsc"), _BINDING)
 
 
-def encode_body(record: BaseModel) -> bytes:
-    """The bare Avro binary body of ``record`` (no header), with its current schema."""
+def _writer(record_type: type[BaseModel]) -> Callable[[BaseModel, bytes], bytes]:
+    if record_type not in _TO_DATUM:
+        raise SchemaError(f"not a backout record: {record_type.__name__!r}")
+    return compiled(record_type).writer
+
+
+def _write(record: BaseModel, writer: Callable[[BaseModel, bytes], bytes], head: bytes) -> bytes:
     try:
-        return compiled(type(record)).write(record)
-    except KeyError:
-        raise SchemaError(f"not a backout record: {type(record).__name__!r}") from None
+        return writer(record, head)
     except AvroFastError as exc:
         raise SchemaError(f"{type(record).__name__} does not fit its schema: {exc}") from exc
+    except WRITE_ERRORS as exc:
+        raise SchemaError(
+            f"{type(record).__name__} does not fit its schema: value does not fit the schema: "
+            f"{exc!r}"
+        ) from exc
+
+
+def encode_body(record: BaseModel) -> bytes:
+    """The bare Avro binary body of ``record`` (no header), with its current schema."""
+    return _write(record, _writer(type(record)), b"")
 
 
 def decode_body(body: bytes, writer: WriterSchema, *, raw: bytes | None = None) -> BaseModel:
@@ -334,10 +354,33 @@ def decode_body(body: bytes, writer: WriterSchema, *, raw: bytes | None = None) 
 
 
 # --- single-object encoding -----------------------------------------------------------
+_Reader = Callable[[bytes, int], Any]
+_ENCODERS: dict[type[BaseModel], tuple[Callable[[BaseModel, bytes], bytes], bytes]] = {}
+_DECODERS: dict[bytes, tuple[type[BaseModel], _Reader]] = {}
+
+
+def _encoder(record_type: type[BaseModel]) -> tuple[Callable[[BaseModel, bytes], bytes], bytes]:
+    found = _ENCODERS.get(record_type)
+    if found is None:
+        writer = _writer(record_type)
+        found = _ENCODERS[record_type] = (
+            writer, SINGLE_OBJECT_MAGIC + current_schema(record_type).fingerprint)
+    return found
+
+
 def encode(record: BaseModel) -> bytes:
     """Encode a record in Avro single-object encoding."""
-    header = SINGLE_OBJECT_MAGIC + current_schema(type(record)).fingerprint
-    return header + encode_body(record)
+    found = _ENCODERS.get(type(record)) or _encoder(type(record))
+    return _write(record, found[0], found[1])
+
+
+def _fast_decoders() -> dict[bytes, tuple[type[BaseModel], _Reader]]:
+    """Header -> (record type, compiled reader) for every current schema."""
+    if not _DECODERS:
+        for record_type in RECORD_TYPES:
+            header = SINGLE_OBJECT_MAGIC + current_schema(record_type).fingerprint
+            _DECODERS[header] = (record_type, compiled(record_type).reader)
+    return _DECODERS
 
 
 def decode(raw: bytes, expected: type[RecordT] | None = None) -> Any:
@@ -351,6 +394,15 @@ def decode(raw: bytes, expected: type[RecordT] | None = None) -> Any:
         DecodeError: the bytes are truncated, garbage, of an unknown schema, or not
             of the ``expected`` type. The error keeps ``raw``.
     """
+    if type(raw) is bytes:
+        # The common case, a current schema: the compiled reader starts after the header.
+        fast = (_DECODERS or _fast_decoders()).get(raw[:_HEADER_LEN])
+        if fast is not None and (expected is None or fast[0] is expected):
+            try:
+                return fast[1](raw, _HEADER_LEN)
+            except READ_ERRORS as exc:
+                raise DecodeError(f"corrupt {fast[0].__name__} body: {read_error(exc)}",
+                                  raw=raw) from exc
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise DecodeError(f"expected bytes, got {type(raw).__name__}", raw=b"")
     raw = bytes(raw)

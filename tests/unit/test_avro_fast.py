@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backout.schemas import codec
+from backout.schemas.avro_binary import read_micros, write_micros
 from backout.schemas.avro_fast import AvroFastError, read_long, write_long
 from backout.schemas.events import (
     ActionEvent,
@@ -156,8 +157,17 @@ def _fastavro_read(record_type: type, body: bytes) -> object:
 def test_same_bytes_as_fastavro_and_readable_both_ways(record: ActionEvent) -> None:
     ours = codec.encode_body(record)
     assert ours == _fastavro_bytes(record)
-    assert _fastavro_read(type(record), ours) == record
-    assert codec.decode(codec.encode(record)) == record
+    from_fastavro = _fastavro_read(type(record), ours)
+    assert from_fastavro == record
+    decoded = codec.decode(codec.encode(record))
+    assert decoded == record
+    # The same model as model_construct builds from fastavro's datum: field order (repr;
+    # JSON text comes back with sorted keys either way), every field set, nothing extra.
+    assert repr(decoded) == repr(from_fastavro)
+    assert decoded.model_fields_set == from_fastavro.model_fields_set
+    assert decoded.model_fields_set == set(type(record).model_fields)
+    assert decoded.__pydantic_extra__ is None and decoded.__pydantic_private__ is None
+    assert decoded.model_dump() == record.model_dump()
 
 
 @pytest.mark.parametrize("n", [0, 1, -1, 63, 64, -65, 2**31, -(2**31), 2**63 - 1, -(2**63)])
@@ -165,6 +175,29 @@ def test_long_round_trip(n: int) -> None:
     out = bytearray()
     write_long(n, out)
     assert read_long(bytes(out), 0) == (n, len(out))
+
+
+@pytest.mark.parametrize(
+    "micros",
+    [0, 1, -1, 2**48 - 1, 2**48, -(2**48), -(2**48) - 1, 2**55 - 1, 2**55, -(2**55),
+     -(2**55) - 1, 1_763_870_400_000_000, -62_135_596_800_000_000, 253_402_300_799_999_999],
+)
+def test_timestamps_are_longs_on_the_wire(micros: int) -> None:
+    expected = bytearray()
+    write_long(micros, expected)
+    ours = bytearray()
+    write_micros(micros, ours)
+    assert ours == expected
+    when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    from_datetime = bytearray()
+    write_micros(when, from_datetime)
+    assert from_datetime == expected
+    assert read_micros(bytes(expected) + b"\x07", 0) == (when, len(expected))
+
+
+def test_naive_timestamps_are_refused() -> None:
+    with pytest.raises(AvroFastError, match="timezone-aware"):
+        write_micros(datetime(2026, 1, 1), bytearray())
 
 
 def test_long_out_of_range_is_refused() -> None:
