@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -57,8 +58,9 @@ class ControlLedger:
     def start(self, timeout: float = 30.0) -> ControlLedger:
         """Read the control topic to its end, then follow it in the background.
 
-        The end is where the broker reports end-of-partition while reading, not the listed
-        high watermark (which some Kafka-compatible brokers report wrongly).
+        The end is where the broker reports end-of-partition while reading and then a poll
+        comes back empty, not the listed high watermark (which some Kafka-compatible
+        brokers report wrongly).
 
         Raises:
             ConfigError: the control topic is missing or unreadable.
@@ -80,20 +82,24 @@ class ControlLedger:
         return self
 
     def _catch_up(self, partitions: set[int], timeout: float) -> None:
-        waited = 0.0
-        while partitions:
+        # Past end-of-partition, drain until a poll comes back empty: the embedded Tansu
+        # reports the base offset of the last batch as the end, so the rest of that batch
+        # comes after the end-of-partition event.
+        deadline = time.monotonic() + timeout
+        while True:
             messages = self._consumer.consume(1000, 0.2)
-            if not messages:
-                waited += 0.2
-                if waited > timeout:
-                    raise ConfigError(f"timed out reading the control topic {self._topic!r}")
-                continue
+            if not messages and not partitions:
+                return
             for message in messages:
                 error = message.error()
                 if error is None:
                     self._remember(message.value())
                 elif error.code() == KafkaError._PARTITION_EOF:
                     partitions.discard(message.partition())
+            if time.monotonic() > deadline:
+                if partitions:
+                    raise ConfigError(f"timed out reading the control topic {self._topic!r}")
+                return  # commands keep coming: the background thread follows them
 
     def _follow(self) -> None:
         while not self._stop.is_set():

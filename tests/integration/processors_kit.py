@@ -106,7 +106,12 @@ def produce(
 
 
 def read_all(settings: Settings, short: str) -> list[Any]:
-    """Every record now on one of backout's topics, as consumer messages."""
+    """Every record now on one of backout's topics, as consumer messages.
+
+    Reads past the listed ends until a poll comes back empty (for at most a second, as
+    the topic may be growing): the embedded Tansu lists the base offset of the last
+    batch as a partition's end.
+    """
     topic = settings.topic(short)
     consumer = Consumer(
         {
@@ -125,8 +130,13 @@ def read_all(settings: Settings, short: str) -> list[Any]:
         consumer.assign([TopicPartition(topic, p, 0) for p in parts if ends[p] > 0])
         out: list[Any] = []
         deadline = time.monotonic() + 20
-        while sum(1 for m in out) < sum(ends.values()) and time.monotonic() < deadline:
-            out += [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+        while time.monotonic() < deadline:
+            batch = consumer.consume(1000, 0.2)
+            out += [m for m in batch if m.error() is None]
+            if len(out) >= sum(ends.values()):
+                if not batch:
+                    break
+                deadline = min(deadline, time.monotonic() + 1.0)
         return out
     finally:
         consumer.close()
