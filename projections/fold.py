@@ -2,7 +2,7 @@
 
 ``evolve(state, event) -> state`` defines the projection; ``fold(events, state)`` is the
 same for many events (one copy of the maps instead of one per event). The SQL store runs
-the very same per-aggregate steps (``advance_record``, ``advance_run``, ``links_of``,
+the very same per-aggregate steps (``advance_record``, ``fold_run``, ``links_of``,
 ``advance_step``, ``advance_task``) over the rows a batch touches, so the tables and this
 fold cannot disagree. Rollback planning reads a :class:`Projection`.
 
@@ -15,7 +15,7 @@ recorded as an unjournaled write (``journaled=False``) just before the event's o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -72,6 +72,7 @@ __all__ = [
     "checkpoint_of",
     "evolve",
     "fold",
+    "fold_run",
     "links_of",
     "same",
     "task_key",
@@ -125,6 +126,9 @@ CellValue: TypeAlias = JsonValue | Absent
 
 def same(a: CellValue, b: CellValue) -> bool:
     """Value equality that keeps ``True`` apart from ``1`` and ABSENT apart from None."""
+    kind = type(a)
+    if kind is type(b) and (kind is str or kind is int):
+        return a == b  # the common case, decided without the checks below
     if a is ABSENT or b is ABSENT:
         return a is b
     if isinstance(a, bool) or isinstance(b, bool):
@@ -441,8 +445,7 @@ def advance_record(state: RecordState | None, event: ActionEvent) -> RecordChang
             FieldWrite(cell, seq, event.event_id, None, None, at, was, now, journaled=False)
             for cell, was, now in drift
         ]
-    exists, fields = prior.exists, dict(prior.fields)
-    known = prior.known
+    exists, fields, known = prior.exists, prior.fields, prior.known
     if before is not None:
         exists, known = before.exists, True
         fields = {**fields, **before.fields} if before.exists else {}
@@ -451,44 +454,42 @@ def advance_record(state: RecordState | None, event: ActionEvent) -> RecordChang
             prior,
             exists=exists,
             known=known,
-            fields=fields,
+            fields=dict(fields),
             seq=seq,
             last_event_id=event.event_id,
             updated_at=at,
         )
         return RecordChange(new, tuple(writes), True)
     seq += 1
-    own: list[FieldWrite] = []
+    event_id, run_id, origin = event.event_id, event.run_id, event.origin
+    drifted = len(writes)
     if exists != after.exists:
-        own.append(
-            FieldWrite(
-                EXISTS, seq, event.event_id, event.run_id, event.origin, at, exists, after.exists
-            )
-        )
-    names = sorted(set(fields) | set(after.fields)) if exists or after.exists else []
-    for name in names:
-        if exists:
-            was: CellValue = fields.get(name, ABSENT)
-            was_known = name in fields or before is not None
-        else:
-            was, was_known = ABSENT, True
-        now: CellValue = after.fields.get(name, was) if after.exists else ABSENT
-        if not same(was, now):
-            own.append(
-                FieldWrite(
-                    name,
-                    seq,
-                    event.event_id,
-                    event.run_id,
-                    event.origin,
-                    at,
-                    was,
-                    now,
-                    before_known=was_known,
+        writes.append(FieldWrite(EXISTS, seq, event_id, run_id, origin, at, exists, after.exists))
+    if after.exists:
+        # A field the after-image leaves out keeps its value: only its fields can change.
+        for name, now in sorted(after.fields.items()):
+            if not exists:
+                was: CellValue = ABSENT
+                was_known = True
+            elif name in fields:
+                was, was_known = fields[name], True
+            else:
+                was, was_known = ABSENT, before is not None
+            if not same(was, now):
+                writes.append(
+                    FieldWrite(
+                        name, seq, event_id, run_id, origin, at, was, now, before_known=was_known
+                    )
                 )
-            )
-    fields = {**fields, **after.fields} if after.exists else {}
-    if not own:
+        fields = {**fields, **after.fields}
+    else:
+        if exists:  # deleted: every known field becomes absent
+            writes += [
+                FieldWrite(name, seq, event_id, run_id, origin, at, fields[name], ABSENT)
+                for name in sorted(fields)
+            ]
+        fields = {}
+    if len(writes) == drifted:  # the event changed nothing: it takes no seq
         seq -= 1
     new = RecordState(
         target.system,
@@ -498,45 +499,64 @@ def advance_record(state: RecordState | None, event: ActionEvent) -> RecordChang
         fields,
         after.version,
         seq,
-        event.event_id,
+        event_id,
         at,
     )
-    return RecordChange(new, tuple(writes + own), False)
+    return RecordChange(new, tuple(writes), False)
 
 
 def advance_run(run: RunState | None, event: ActionEvent) -> RunState:
     """Apply one event to its run (events of a run may arrive in any order)."""
-    at = event.occurred_at
+    return fold_run(run, (event,))
+
+
+def fold_run(run: RunState | None, events: Sequence[ActionEvent]) -> RunState:
+    """:func:`advance_run` over ``events`` of one run, in order, in a single pass.
+
+    Raises:
+        ValueError: no run and no events to start one from.
+    """
     if run is None:
+        if not events:
+            raise ValueError("fold_run needs a run or at least one event")
+        first = events[0]
         run = RunState(
-            event.run_id,
-            event.agent_id,
-            event.identity,
-            environment=event.environment,
-            started_at=at,
+            first.run_id,
+            first.agent_id,
+            first.identity,
+            environment=first.environment,
+            started_at=first.occurred_at,
         )
+    parent, tenant, workflow = run.parent_run_id, run.tenant, run.workflow
     status, finished, points = run.status, run.finished_at, run.checkpoints
+    started, last = run.started_at, run.last_event_at
     calls, writes = run.calls, run.writes
-    kind = event.kind
-    if kind is EventKind.TOOL_CALL:
-        calls += 1
-        writes += 1 if event.is_write or changes_record(event) else 0
-    elif kind is EventKind.RUN_FINISHED:
-        status = RunStatus.FINISHED if event.status is CallStatus.SUCCEEDED else RunStatus.FAILED
-        finished = at
-    elif kind is EventKind.CHECKPOINT:
-        point = checkpoint_of(event)
-        assert point is not None
-        points = (*points, point)
-    started = run.started_at if run.started_at is not None and run.started_at <= at else at
-    last = run.last_event_at if run.last_event_at is not None and run.last_event_at >= at else at
+    for event in events:
+        at, kind = event.occurred_at, event.kind
+        if kind is EventKind.TOOL_CALL:
+            calls += 1
+            writes += 1 if event.is_write or changes_record(event) else 0
+        elif kind is EventKind.RUN_FINISHED:
+            ok = event.status is CallStatus.SUCCEEDED
+            status, finished = (RunStatus.FINISHED if ok else RunStatus.FAILED), at
+        elif kind is EventKind.CHECKPOINT:
+            point = checkpoint_of(event)
+            assert point is not None
+            points = (*points, point)
+        if started is None or started > at:
+            started = at
+        if last is None or last < at:
+            last = at
+        parent = parent or event.parent_run_id
+        tenant = tenant if tenant is not None else event.tenant
+        workflow = workflow if workflow is not None else event.workflow
     return RunState(
         run.run_id,
         run.agent_id,
         run.identity,
-        run.parent_run_id or event.parent_run_id,
-        run.tenant if run.tenant is not None else event.tenant,
-        run.workflow if run.workflow is not None else event.workflow,
+        parent,
+        tenant,
+        workflow,
         run.environment,
         status,
         started,

@@ -67,12 +67,21 @@ def from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+def _plain(text: str) -> bool:
+    """True when ``text`` is JSON-encoded as itself between quotes."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
 def dump_json(value: JsonValue) -> str:
-    """Canonical JSON text (fast paths for the plain scalars most values are)."""
+    """Canonical JSON text (fast paths for the plain scalars most values are, and for
+    objects of them such as a record's fields)."""
     kind = type(value)
     if kind is str:
         text = str(value)
-        if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        if _plain(text):
             return f'"{text}"'
     elif kind is int:
         return str(value)
@@ -80,11 +89,28 @@ def dump_json(value: JsonValue) -> str:
         return "null"
     elif kind is bool:
         return "true" if value else "false"
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    elif kind is dict:
+        flat = _flat_object(value)  # type: ignore[arg-type]
+        if flat is not None:
+            return flat
+    return _ENCODER.encode(value)
 
 
-def cell_out(value: CellValue) -> tuple[str | None, bool]:
-    return (None, False) if isinstance(value, Absent) else (dump_json(value), True)
+def _flat_object(value: dict[str, JsonValue]) -> str | None:
+    """An object of plain strings and ints as canonical JSON, else None."""
+    parts = []
+    for name in sorted(value):
+        item = value[name]
+        kind = type(item)
+        if type(name) is not str or not _plain(name):
+            return None
+        if kind is str and _plain(item):  # type: ignore[arg-type]
+            parts.append(f'"{name}":"{item}"')
+        elif kind is int:
+            parts.append(f'"{name}":{item}')
+        else:
+            return None
+    return "{" + ",".join(parts) + "}"
 
 
 _LITERALS: dict[str, JsonValue] = {"true": True, "false": False, "null": None}
@@ -173,13 +199,28 @@ def _compensation_json(comp: Compensation | None) -> str | None:
     )
 
 
+_VALUES: dict[object, str] = {
+    member: member.value
+    for enum in (EventKind, Reversibility, CallStatus, Origin)
+    for member in enum
+}
+"""Enum members to their stored text (a dict lookup is cheaper than ``.value``)."""
+
+
 def journal_row(item: Positioned) -> tuple[Any, ...]:
     """One journal row, in ``JOURNAL_COLUMNS`` order."""
-    e, target = item.event, item.event.target
-    undoes = undone_ids(e.compensates, e.labels) if e.compensates else ()
+    e = item.event
+    target, labels, compensates = e.target, e.labels, e.compensates
+    undoes = undone_ids(compensates, labels) if compensates else ()
+    system: str | None = None
+    object_id: str | None = None
+    key: str | None = None
+    if target is not None:
+        system, object_id = target.system, target.object_id
+        key = f"{system}/{object_id}"
     return (
         e.event_id,
-        e.kind.value,
+        _VALUES[e.kind],
         to_us(e.occurred_at),
         e.run_id,
         e.parent_run_id,
@@ -191,16 +232,16 @@ def journal_row(item: Positioned) -> tuple[Any, ...]:
         e.step_id,
         e.parent_step_id,
         e.tool,
-        target.system if target else None,
-        target.object_id if target else None,
-        f"{target.system}/{target.object_id}" if target else None,
-        e.reversibility.value,
-        e.status.value,
-        e.origin.value,
-        e.compensates,
+        system,
+        object_id,
+        key,
+        _VALUES[e.reversibility],
+        _VALUES[e.status],
+        _VALUES[e.origin],
+        compensates,
         " ".join(undoes) if undoes else None,
         _compensation_json(e.compensation),
-        dump_json(dict(e.labels)) if e.labels else None,
+        dump_json(dict(labels)) if labels else None,
         e.job_id,
         e.after is not None,
         changes_record(e),
@@ -340,20 +381,19 @@ WRITE_COLUMNS = (
 
 def write_row(key: str, w: FieldWrite) -> tuple[Any, ...]:
     """One field_writes row, in ``WRITE_COLUMNS`` order."""
-    before, before_present = cell_out(w.before)
-    after, after_present = cell_out(w.after)
+    before, after, origin = w.before, w.after, w.origin
     return (
         key,
         w.seq,
         w.field,
         w.event_id,
         w.run_id,
-        w.origin.value if w.origin else None,
+        _VALUES[origin] if origin is not None else None,
         to_us(w.occurred_at),
-        before,
-        before_present,
-        after,
-        after_present,
+        None if isinstance(before, Absent) else dump_json(before),
+        before is not ABSENT,
+        None if isinstance(after, Absent) else dump_json(after),
+        after is not ABSENT,
         w.journaled,
         w.before_known,
     )

@@ -46,11 +46,11 @@ from backout.projections.fold import (
     StepState,
     Task,
     advance_record,
-    advance_run,
     advance_step,
     advance_task,
     changes_record,
     checkpoint_of,
+    fold_run,
     links_of,
     task_key,
 )
@@ -80,11 +80,12 @@ from backout.projections.rows import (
 )
 from backout.rollback.scope import RollbackScope
 from backout.schemas.errors import ProjectionError
-from backout.schemas.events import EventKind
+from backout.schemas.events import ActionEvent, EventKind
 
 __all__ = ["ApplyResult", "Positioned", "SqlProjectionStore", "from_us", "paused_gc", "to_us"]
 
 _CHUNK = 500
+_CHECKPOINT = EventKind.CHECKPOINT
 _STATE_CACHE = 500_000
 """Record states a store keeps in memory between batches, at most."""
 
@@ -395,36 +396,47 @@ class _Batch:
     def records(self, fresh: list[Positioned]) -> None:
         """Fold the batch into its records' states and field writes (no writes yet)."""
         self.fresh = fresh
-        events = [p.event for p in fresh]
-        keys = sorted({e.target.key for e in events if e.target is not None and changes_record(e)})
-        states = self.states = self._states(keys)
-        for e in events:
-            if e.target is not None and changes_record(e):
-                key = e.target.key
-                known = states.get(key)
-                opaque = known[1] if known is not None else ""
-                change = advance_record(known[0] if known is not None else None, e)
-                states[key] = (
-                    change.state,
-                    f"{opaque} {e.event_id}".strip() if change.opaque else opaque,
-                )
-                self.dirty.add(key)
-                self.write_rows += [write_row(key, w) for w in change.writes]
+        changes = []
+        for item in fresh:
+            e = item.event
+            target = e.target
+            if target is not None and changes_record(e):
+                changes.append((f"{target.system}/{target.object_id}", e))
+        states = self.states = self._states(sorted({key for key, _ in changes}))
+        rows = self.write_rows
+        for key, e in changes:
+            known = states.get(key)
+            change = advance_record(known[0] if known is not None else None, e)
+            opaque = known[1] if known is not None else ""
+            if change.opaque:
+                opaque = f"{opaque} {e.event_id}".strip()
+            states[key] = (change.state, opaque)
+            rows += [write_row(key, w) for w in change.writes]
+        self.dirty.update(key for key, _ in changes)
 
     def shared(self, prepared: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[RecordState, str]]:
         """Fold runs, steps and tasks and write every row; returns the changed record states."""
         conn = self.conn
         events = [p.event for p in self.fresh]
-        run_ids = sorted({e.run_id for e in events})
+        by_run: dict[str, list[ActionEvent]] = {}
+        for e in events:
+            by_run.setdefault(e.run_id, []).append(e)
+        run_ids = sorted(by_run)
         runs = _load(conn, t.runs, t.runs.c.run_id, run_ids, lambda r: run_from_row(r, ()))
-        step_ids = sorted({s for e in events if (s := e.labels.get(LABEL_STEP))})
+        for run_id, mine in by_run.items():
+            runs[run_id] = fold_run(runs.get(run_id), mine)
+        # Most events are plain tool calls: only labelled, compensating and checkpoint
+        # events can touch steps, tasks, links or checkpoints.
+        special = [
+            e for e in events if e.labels or e.compensates is not None or e.kind is _CHECKPOINT
+        ]
+        step_ids = sorted({s for e in special if (s := e.labels.get(LABEL_STEP))})
         steps = _load(conn, t.rollback_steps, t.rollback_steps.c.step_id, step_ids, step_from_row)
-        task_ids = sorted({k for e in events if (k := task_key(e))})
+        task_ids = sorted({k for e in special if (k := task_key(e))})
         tasks = _load(conn, t.tasks, t.tasks.c.task_id, task_ids, task_from_row)
         point_rows, link_rows = [], []
         dirty_steps, dirty_tasks = set(), set()
-        for e in events:
-            runs[e.run_id] = advance_run(runs.get(e.run_id), e)
+        for e in special:
             point = checkpoint_of(e)
             if point is not None:
                 point_rows.append(

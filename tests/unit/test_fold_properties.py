@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backout.projections.fold import EMPTY, Projection, evolve, fold
+from backout.projections.fold import EMPTY, Projection, advance_run, evolve, fold, fold_run
 from backout.projections.store import Positioned, SqlProjectionStore
 from backout.rollback.planner import plan_rollback
 from backout.rollback.scope import RollbackScope
@@ -51,6 +51,20 @@ def test_replaying_events_changes_nothing(history: History, rnd: object) -> None
     replayed = list(events)
     rnd.shuffle(replayed)  # type: ignore[attr-defined]
     assert fold(events + replayed) == fold(events)
+
+
+@settings(max_examples=100, deadline=None)
+@given(histories, st.integers(min_value=0, max_value=20))
+def test_fold_run_equals_advance_run_event_by_event(history: History, cut: int) -> None:
+    events = events_of(history)
+    for run_id in {e.run_id for e in events}:
+        mine = [e for e in events if e.run_id == run_id]
+        stepwise = None
+        for event in mine:
+            stepwise = advance_run(stepwise, event)
+        assert fold_run(None, mine) == stepwise
+        head = fold_run(None, mine[: cut or 1])
+        assert fold_run(head, mine[cut or 1 :]) == stepwise
 
 
 @SLOW

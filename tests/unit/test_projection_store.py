@@ -53,18 +53,20 @@ def test_views_and_positions_commit_together(
     store: SqlProjectionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = incident()
-    real = store_module.advance_run
+    real = store_module.state_row
 
-    def broken(run: Any, event: ActionEvent) -> Any:
-        if event.event_id == log.events[-1].event_id:
+    def broken(state: Any, opaque: str) -> Any:
+        # Fails after the journal and field_writes rows of the batch were inserted.
+        if state.object_id == "i2":
             raise RuntimeError("disk on fire")
-        return real(run, event)
+        return real(state, opaque)
 
-    monkeypatch.setattr(store_module, "advance_run", broken)
+    monkeypatch.setattr(store_module, "state_row", broken)
     with pytest.raises(RuntimeError):
         store.apply(positioned(log.events))
     assert store.counts()["events"] == 0 and store.positions(TOPIC) == {}
-    monkeypatch.setattr(store_module, "advance_run", real)
+    assert store.counts()["field_writes"] == 0
+    monkeypatch.setattr(store_module, "state_row", real)
     result = store.apply(positioned(log.events))
     assert result.applied == len(log.events) and store.positions(TOPIC) == {0: 3}
 
