@@ -302,7 +302,10 @@ class Projector:
         if not messages:
             return 0
         with paused_gc():
-            return self._apply(messages, stats)
+            count = self._apply(messages, stats)
+            # Free the batch before the collector runs again: it would scan it for nothing.
+            del messages
+        return count
 
     def _apply(self, messages: list[Any], stats: ProjectorStats | None) -> int:
         batch: list[Positioned] = []
