@@ -6,6 +6,9 @@ and version, execute, capture the after-image, publish one ActionEvent, return t
 Exceptions are journaled as failed and re-raised; timeouts and lost connections are
 journaled as unknown (in doubt). A resumed run (same run id) returns the recorded result
 of a call whose idempotency key already succeeded, without executing it again.
+
+Run contexts live in ``run.py``; the call in flight and the events built from it in
+``call.py``.
 """
 
 from __future__ import annotations
@@ -14,188 +17,53 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import itertools
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, Protocol, TypeVar
-
-from pydantic import JsonValue
+from typing import Any, ParamSpec, Protocol, TypeVar, Unpack
 
 from backout.infra.settings import Settings
+from backout.producers.call import (
+    IN_DOUBT_ERRORS,
+    Pending,
+    ToolCall,
+    run_fact,
+    tool_event,
+)
 from backout.producers.completed import CompletedCalls
-from backout.producers.ids import new_event_id, new_run_id
-from backout.producers.registry import ArgsFn, Compensate, ToolSpec, declare, json_args
+from backout.producers.ids import new_run_id
+from backout.producers.registry import ToolOptions, ToolSpec, check_options, declare
 from backout.producers.registry import to_json_value as _json
+from backout.producers.run import (
+    ANNOTATION,
+    CURRENT_RUN,
+    CURRENT_STEP,
+    KEY_OVERRIDE,
+    Annotation,
+    RunContext,
+)
 from backout.producers.scope import CallGuard, CallScope
 from backout.producers.sink import EventSink
-from backout.producers.targets import Target, TargetUnavailable
+from backout.producers.targets import TargetUnavailable
 from backout.schemas.errors import ConfigError, Frozen, PublishError
 from backout.schemas.events import (
     ActionEvent,
     CallStatus,
-    Compensation,
     ErrorInfo,
     EventKind,
     JsonMap,
     Origin,
     RecordImage,
-    Reversibility,
-    TargetRef,
-    trusted_constructor,
 )
 from backout.schemas.registry import Codec, make_codec
+
+__all__ = ["IN_DOUBT_ERRORS", "ApprovalGate", "Journal", "Pending", "RunContext"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_new_event = trusted_constructor(ActionEvent)
-
-IN_DOUBT_ERRORS: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    ConnectionError,
-    TargetUnavailable,
-)
-"""Exceptions after which the side effect may or may not have happened: status unknown."""
-
-
-@dataclass(frozen=True)
-class Pending:
-    """Return this from a tool that started an asynchronous job: journaled as pending."""
-
-    job_id: str
-    result: Any = None
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """Per-call facts the agent knows: confidence, reasoning, correlation, labels."""
-
-    confidence: float | None = None
-    reasoning: str | None = None
-    correlation_id: str | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-class RunContext:
-    """One run of an agent: ids, identity, and the step counter. Nestable."""
-
-    def __init__(
-        self,
-        journal: Journal,
-        run_id: str,
-        *,
-        agent: str,
-        identity: str,
-        tenant: str | None,
-        environment: str,
-        workflow: str | None,
-        origin: Origin,
-        parent: RunContext | None,
-        resume: bool,
-    ) -> None:
-        self.journal = journal
-        self.run_id = run_id
-        self.agent = agent
-        self.identity = identity
-        self.tenant = tenant
-        self.environment = environment
-        self.workflow = workflow
-        self.origin = origin
-        self.parent = parent
-        self.parent_step_id = parent.last_step_id if parent is not None else None
-        self.ancestors: tuple[str, ...] = (
-            (parent.run_id, *parent.ancestors) if parent is not None else ()
-        )
-        self.resume = resume
-        self.last_step_id: str | None = None
-        self._steps = itertools.count(1)
-        self._completed: dict[str, ActionEvent] | None = None
-        self._lock = threading.Lock()
-        self._token: contextvars.Token[RunContext | None] | None = None
-
-    def next_step_id(self) -> str:
-        """A new step id in this run: ``<run id>:<n>``."""
-        step_id = f"{self.run_id}:{next(self._steps)}"
-        self.last_step_id = step_id
-        return step_id
-
-    def completed(self) -> dict[str, ActionEvent]:
-        """Succeeded calls of this run by idempotency key, read once from the log."""
-        if not self.resume:
-            return {}
-        with self._lock:
-            if self._completed is None:
-                # Step ids restart at 1, so a resumed run that replays its calls in the same
-                # order gets the same default idempotency keys.
-                self._completed = self.journal.completed_calls.load(self.run_id)
-            return self._completed
-
-    def __enter__(self) -> RunContext:
-        self._token = _current_run.set(self)
-        try:
-            self.journal._lifecycle(self, EventKind.RUN_STARTED, CallStatus.SUCCEEDED)
-        except BaseException:
-            # __exit__ will not run: do not leave this run current for later calls.
-            _current_run.reset(self._token)
-            self._token = None
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        try:
-            status = CallStatus.SUCCEEDED if exc is None else CallStatus.FAILED
-            self.journal._lifecycle(self, EventKind.RUN_FINISHED, status, error=exc)
-        except PublishError as lost:
-            if exc is None:
-                raise
-            # Keep the caller's exception: it may say a tool's side effect already happened.
-            exc.add_note(f"backout: the run_finished event could not be journaled either: {lost}")
-        finally:
-            if self._token is not None:
-                _current_run.reset(self._token)
-
-    async def __aenter__(self) -> RunContext:
-        return self.__enter__()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
-
-
-_current_run: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
-    "backout_run", default=None
-)
-_current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "backout_step", default=None
-)
-_annotation: contextvars.ContextVar[Annotation | None] = contextvars.ContextVar(
-    "backout_annotation", default=None
-)
-_key_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "backout_idempotency_key", default=None
-)
-
-
-@dataclass
-class _Call:
-    """One call in flight."""
-
-    spec: ToolSpec
-    run: RunContext
-    step_id: str
-    parent_step_id: str | None
-    key: str
-    args: dict[str, Any]
-    occurred_at: datetime
-    object_id: str | None = None
-    approved_args: JsonMap | None = None
-    before: RecordImage | None = None
-    value: float | None = None
+_Call = ToolCall
+"""The name ``producers.approval`` knows the call in flight by."""
 
 
 @dataclass(frozen=True)
@@ -290,50 +158,22 @@ class Journal:
         return self._completed_calls
 
     # --- declaring tools ------------------------------------------------------------------
-    def tool(
-        self,
-        *,
-        reversibility: Reversibility | str,
-        target: Target | None = None,
-        system: str | None = None,
-        object_id: ArgsFn | None = None,
-        compensation: Compensate | None = None,
-        value: ArgsFn | None = None,
-        idempotency_key: ArgsFn | None = None,
-        requires_approval: ArgsFn | None = None,
-        name: str | None = None,
-    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    def tool(self, **options: Unpack[ToolOptions]) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Declare a journaled tool.
 
         Args:
-            reversibility: reversible, compensatable, irreversible or read_only.
-            target: the Target holding the record the tool changes (before/after images).
-            system: the system name when there is no Target (irreversible tools).
-            object_id: finds the target record id from the call's arguments.
-            compensation: for compensatable tools, the compensating tool and its window.
-            value: the value moved by a call (money, units), from its arguments.
-            idempotency_key: a caller-defined key from the arguments (default: run + step).
-            requires_approval: a predicate over the arguments; when true the call waits for
-                an operator's approve/deny.
-            name: the tool name in events (default: the function name).
+            **options: how the tool is journaled and undone (``registry.ToolOptions``):
+                reversibility (required), target, system, object_id, compensation, value,
+                idempotency_key, requires_approval, name.
 
         Raises:
             ConfigError: the declaration is inconsistent (see ``registry.declare``).
+            TypeError: an unknown option, or no ``reversibility``.
         """
+        check_options("tool", options)
 
         def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-            spec = declare(
-                fn,
-                reversibility=reversibility,
-                target=target,
-                system=system,
-                object_id=object_id,
-                compensation=compensation,
-                value=value,
-                idempotency_key=idempotency_key,
-                requires_approval=requires_approval,
-                name=name,
-            )
+            spec = declare(fn, **options)
             if spec.name in self.tools:
                 raise ConfigError(f"tool {spec.name!r} is declared twice")
             self.tools[spec.name] = spec
@@ -374,7 +214,7 @@ class Journal:
             run_id: the run's id; give the same id to resume a run after a crash.
             resume: look up the run's finished calls on the log (default: when run_id given).
         """
-        parent = _current_run.get()
+        parent = CURRENT_RUN.get()
         agent = agent or (parent.agent if parent else None)
         identity = identity or (parent.identity if parent else None)
         if not agent or not identity:
@@ -396,7 +236,7 @@ class Journal:
     @staticmethod
     def current_run() -> RunContext | None:
         """The run the current thread or task is in, if any."""
-        return _current_run.get()
+        return CURRENT_RUN.get()
 
     @contextlib.contextmanager
     def annotate(
@@ -409,33 +249,30 @@ class Journal:
     ) -> Iterator[None]:
         """Attach confidence, a reasoning summary, a correlation id or labels to the calls
         made inside the block (labels such as ``uncertainty=parse_failure`` feed detectors)."""
-        token = _annotation.set(
+        token = ANNOTATION.set(
             Annotation(confidence, reasoning, correlation_id, dict(labels or {}))
         )
         try:
             yield
         finally:
-            _annotation.reset(token)
+            ANNOTATION.reset(token)
 
     @contextlib.contextmanager
     def idempotency_key(self, key: str) -> Iterator[None]:
         """Use ``key`` as the idempotency key of the next call(s) made inside the block."""
-        token = _key_override.set(key)
+        token = KEY_OVERRIDE.set(key)
         try:
             yield
         finally:
-            _key_override.reset(token)
+            KEY_OVERRIDE.reset(token)
 
     def checkpoint(self, name: str) -> str:
         """Mark a point in the current run that a rollback can be limited to ("after C")."""
         run = self._require_run("checkpoint")
         step_id = run.next_step_id()
         self._publish(
-            self._fact(
-                run,
-                EventKind.CHECKPOINT,
-                step_id,
-                CallStatus.SUCCEEDED,
+            run_fact(
+                run, EventKind.CHECKPOINT, step_id, CallStatus.SUCCEEDED,
                 labels={"checkpoint": name},
             )
         )
@@ -443,18 +280,18 @@ class Journal:
 
     # --- the call path ----------------------------------------------------------------------
     def _require_run(self, what: str) -> RunContext:
-        run = _current_run.get()
+        run = CURRENT_RUN.get()
         if run is None:
             raise ConfigError(f"{what} outside a run: wrap it in `with journal.run(...)`")
         if self._closed:
             raise ConfigError("the journal is closed")
         return run
 
-    def _begin(self, spec: ToolSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Call:
+    def _begin(self, spec: ToolSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ToolCall:
         run = self._require_run(f"tool {spec.name!r} called")
         bound = spec.bind(args, kwargs)
         step_id = run.next_step_id()
-        override = _key_override.get()
+        override = KEY_OVERRIDE.get()
         key = (
             override
             if override is not None
@@ -462,11 +299,11 @@ class Journal:
             if spec.idempotency_key is not None
             else step_id
         )
-        call = _Call(
+        call = ToolCall(
             spec,
             run,
             step_id,
-            _current_step.get() or run.parent_step_id,
+            CURRENT_STEP.get() or run.parent_step_id,
             key,
             bound,
             datetime.now(UTC),
@@ -479,11 +316,11 @@ class Journal:
             call.value = float(spec.value(**bound))
         return call
 
-    def _recorded(self, call: _Call) -> ActionEvent | None:
+    def _recorded(self, call: ToolCall) -> ActionEvent | None:
         done = call.run.completed().get(call.key)
         return done if done is not None and done.status is CallStatus.SUCCEEDED else None
 
-    def _check_guard(self, call: _Call) -> None:
+    def _check_guard(self, call: ToolCall) -> None:
         if self.guard is None:
             return
         run = call.run
@@ -502,7 +339,7 @@ class Journal:
             self.guard.check(scope)
         except Frozen as frozen:
             self._publish(
-                self._event(
+                tool_event(
                     call,
                     CallStatus.BLOCKED,
                     blocked_by=frozen.command_id,
@@ -511,7 +348,7 @@ class Journal:
             )
             raise
 
-    def _approve(self, call: _Call) -> None:
+    def _approve(self, call: ToolCall) -> None:
         """Approval hook: when the tool requires approval for these arguments, wait for it."""
         predicate = call.spec.requires_approval
         if predicate is None or not predicate(**call.args):
@@ -524,42 +361,49 @@ class Journal:
         # The wait may have been long: a freeze that arrived meanwhile still refuses the call.
         self._check_guard(call)
 
-    def _capture(self, call: _Call) -> RecordImage | None:
+    @staticmethod
+    def _capture(call: ToolCall) -> RecordImage | None:
         target = call.spec.target
         if target is None or call.object_id is None:
             return None
         return target.read(call.object_id)
 
-    def _capture_after(self, call: _Call) -> RecordImage | None:
+    def _capture_after(self, call: ToolCall) -> RecordImage | None:
         try:
             return self._capture(call)
         except TargetUnavailable:
             return None
 
+    @staticmethod
     def _invoke_args(
-        self, call: _Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        call: ToolCall, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[tuple[Any, ...], Mapping[str, Any]]:
         if call.approved_args is None:
-            return args, dict(kwargs)
+            return args, kwargs
         return (), {**call.args, **call.approved_args}
 
     def _call_sync(self, spec: ToolSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         call = self._begin(spec, args, kwargs)
-        recorded = self._recorded(call)
-        if recorded is not None:
-            return recorded.result
-        self._check_guard(call)
-        self._approve(call)
-        call.before = self._capture(call)
+        if call.run.resume:
+            recorded = self._recorded(call)
+            if recorded is not None:
+                return recorded.result
+        # Each step is skipped when the spec or journal has nothing for it (the hot path).
+        if self.guard is not None:
+            self._check_guard(call)
+        if spec.requires_approval is not None:
+            self._approve(call)
+        if spec.target is not None:
+            call.before = self._capture(call)
         call_args, call_kwargs = self._invoke_args(call, args, kwargs)
-        token = _current_step.set(call.step_id)
+        token = CURRENT_STEP.set(call.step_id)
         try:
             result = spec.fn(*call_args, **call_kwargs)
         except BaseException as exc:
-            _current_step.reset(token)
+            CURRENT_STEP.reset(token)
             self._finish_failed(call, exc)
             raise
-        _current_step.reset(token)
+        CURRENT_STEP.reset(token)
         return self._finish(call, result)
 
     async def _call_async(
@@ -574,167 +418,43 @@ class Journal:
             await asyncio.to_thread(contextvars.copy_context().run, self._approve, call)
         call.before = self._capture(call)
         call_args, call_kwargs = self._invoke_args(call, args, kwargs)
-        token = _current_step.set(call.step_id)
+        token = CURRENT_STEP.set(call.step_id)
         try:
             result = await spec.fn(*call_args, **call_kwargs)
         except BaseException as exc:
-            _current_step.reset(token)
+            CURRENT_STEP.reset(token)
             if self.confirm:
                 await asyncio.to_thread(self._finish_failed, call, exc)
             else:
                 self._finish_failed(call, exc)
             raise
-        _current_step.reset(token)
+        CURRENT_STEP.reset(token)
         if self.confirm:
             return await asyncio.to_thread(self._finish, call, result)
         return self._finish(call, result)
 
-    def _finish(self, call: _Call, result: Any) -> Any:
+    def _finish(self, call: ToolCall, result: Any) -> Any:
         status, job_id, value = CallStatus.SUCCEEDED, None, result
         if isinstance(result, Pending):
             status, job_id, value = CallStatus.PENDING, result.job_id, result.result
-        event = self._event(
-            call, status, after=self._capture_after(call), result=_json(value), job_id=job_id
-        )
+        after = self._capture_after(call) if call.spec.target is not None else None
+        event = tool_event(call, status, after=after, result=_json(value), job_id=job_id)
         self._publish(event, side_effect=True)
         return value if isinstance(result, Pending) else result
 
-    def _finish_failed(self, call: _Call, exc: BaseException) -> None:
+    def _finish_failed(self, call: ToolCall, exc: BaseException) -> None:
         in_doubt = isinstance(exc, IN_DOUBT_ERRORS)
         status = CallStatus.UNKNOWN if in_doubt else CallStatus.FAILED
         error = ErrorInfo(
             type=type(exc).__name__, message=str(exc)[:2000], retryable=True if in_doubt else None
         )
         self._publish(
-            self._event(call, status, after=self._capture_after(call), error=error),
+            tool_event(call, status, after=self._capture_after(call), error=error),
             side_effect=True,
             tool_error=exc,
         )
 
-    # --- building and publishing events --------------------------------------------------------
-    def _event(
-        self,
-        call: _Call,
-        status: CallStatus,
-        *,
-        after: RecordImage | None = None,
-        result: JsonValue = None,
-        job_id: str | None = None,
-        error: ErrorInfo | None = None,
-        blocked_by: str | None = None,
-    ) -> ActionEvent:
-        spec, run = call.spec, call.run
-        note = _annotation.get()
-        requested = json_args(call.args)
-        target = (
-            TargetRef(system=spec.system, object_id=call.object_id)
-            if spec.system is not None and call.object_id is not None
-            else None
-        )
-        labels = dict(note.labels) if note else {}
-        compensation = None
-        if status is not CallStatus.BLOCKED:
-            compensation, problem = self._compensation(call, result)
-            if problem is not None:
-                labels["compensation_error"] = problem
-        # Built from values this module already typed: skip re-validation (hot path).
-        return _new_event(
-            event_id=new_event_id(),
-            occurred_at=call.occurred_at,
-            run_id=run.run_id,
-            parent_run_id=run.parent.run_id if run.parent else None,
-            agent_id=run.agent,
-            identity=run.identity,
-            tenant=run.tenant,
-            environment=run.environment,
-            workflow=run.workflow,
-            step_id=call.step_id,
-            parent_step_id=call.parent_step_id,
-            tool=spec.name,
-            requested_args=requested,
-            approved_args=call.approved_args,
-            target=target,
-            reversibility=spec.reversibility,
-            before=call.before,
-            after=after,
-            idempotency_key=call.key,
-            status=status,
-            job_id=job_id,
-            result=result,
-            error=error,
-            compensation=compensation,
-            origin=run.origin,
-            correlation_id=note.correlation_id if note else None,
-            value=call.value,
-            confidence=note.confidence if note else None,
-            reasoning_summary=note.reasoning if note else None,
-            blocked_by=blocked_by,
-            labels=labels,
-        )
-
-    def _compensation(
-        self, call: _Call, result: JsonValue
-    ) -> tuple[Compensation | None, str | None]:
-        """The call's compensation, and why its args builder failed (if it did)."""
-        spec = call.spec
-        if spec.compensation is not None:
-            comp = spec.compensation
-            allowed_until = call.occurred_at + comp.window
-            try:
-                args = json_args(comp.args(**call.args, result=result))
-            except Exception as exc:
-                # The side effect already happened: journal the call anyway (its undo
-                # becomes a manual task) rather than lose the event or the tool's own error.
-                problem = f"{type(exc).__name__}: {exc}"[:500]
-                manual = Compensation(
-                    strategy="manual", tool=comp.tool, allowed_until=allowed_until
-                )
-                return manual, problem
-            return Compensation(
-                strategy="compensating_tool",
-                tool=comp.tool,
-                args=args,
-                allowed_until=allowed_until,
-            ), None
-        if spec.reversibility is Reversibility.REVERSIBLE:
-            return Compensation(strategy="restore_fields"), None
-        if spec.reversibility is Reversibility.IRREVERSIBLE:
-            return Compensation(strategy="manual"), None
-        return None, None
-
-    def _fact(
-        self,
-        run: RunContext,
-        kind: EventKind,
-        step_id: str,
-        status: CallStatus,
-        *,
-        labels: dict[str, str] | None = None,
-        error: ErrorInfo | None = None,
-    ) -> ActionEvent:
-        return ActionEvent(
-            event_id=new_event_id(),
-            occurred_at=datetime.now(UTC),
-            kind=kind,
-            run_id=run.run_id,
-            parent_run_id=run.parent.run_id if run.parent else None,
-            agent_id=run.agent,
-            identity=run.identity,
-            tenant=run.tenant,
-            environment=run.environment,
-            workflow=run.workflow,
-            step_id=step_id,
-            parent_step_id=run.parent_step_id,
-            tool=f"backout.{kind.value}",
-            reversibility=Reversibility.READ_ONLY,
-            idempotency_key=f"{run.run_id}:{kind.value}"
-            + (f":{step_id}" if kind is EventKind.CHECKPOINT else ""),
-            status=status,
-            error=error,
-            origin=run.origin,
-            labels=labels or {},
-        )
-
+    # --- publishing events --------------------------------------------------------------------
     def _lifecycle(
         self,
         run: RunContext,
@@ -747,7 +467,7 @@ class Journal:
             if error is not None
             else None
         )
-        self._publish(self._fact(run, kind, f"{run.run_id}:{kind.value}", status, error=info))
+        self._publish(run_fact(run, kind, f"{run.run_id}:{kind.value}", status, error=info))
 
     def publish(self, event: ActionEvent) -> None:
         """Publish an already-built event (rollback and operator tools use this)."""
@@ -801,7 +521,7 @@ class Journal:
 class ApprovalGate(Protocol):
     """Decides calls whose tool requires approval (see ``producers.approval``)."""
 
-    def decide(self, journal: Journal, call: _Call) -> JsonMap:
+    def decide(self, journal: Journal, call: ToolCall) -> JsonMap:
         """Publish the request, wait for the decision, return the approved arguments.
 
         Raises:

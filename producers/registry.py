@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 from pydantic import JsonValue
 
@@ -131,24 +131,59 @@ def _parse_reversibility(value: Reversibility | str) -> Reversibility:
         raise ConfigError(f"unknown reversibility class {value!r} (one of: {known})") from None
 
 
-def declare(
-    fn: Callable[..., Any],
-    *,
-    reversibility: Reversibility | str,
-    target: Target | None = None,
-    system: str | None = None,
-    object_id: ArgsFn | None = None,
-    compensation: Compensate | None = None,
-    value: ArgsFn | None = None,
-    idempotency_key: ArgsFn | None = None,
-    requires_approval: ArgsFn | None = None,
-    name: str | None = None,
-) -> ToolSpec:
+class ToolOptions(TypedDict, total=False):
+    """How a tool is declared: the keyword arguments of ``journal.tool(...)`` and ``declare``."""
+
+    reversibility: Required[Reversibility | str]
+    """reversible, compensatable, irreversible or read_only."""
+    target: Target | None
+    """The Target holding the record the tool changes (before/after images)."""
+    system: str | None
+    """The system name when there is no Target (irreversible tools)."""
+    object_id: ArgsFn | None
+    """Finds the target record id from the call's arguments."""
+    compensation: Compensate | None
+    """For compensatable tools, the compensating tool and its window."""
+    value: ArgsFn | None
+    """The value moved by a call (money, units), from its arguments."""
+    idempotency_key: ArgsFn | None
+    """A caller-defined key from the arguments (default: run + step)."""
+    requires_approval: ArgsFn | None
+    """A predicate over the arguments; when true the call waits for an operator's decision."""
+    name: str | None
+    """The tool name in events (default: the function name)."""
+
+
+def check_options(what: str, options: Mapping[str, object]) -> None:
+    """Refuse unknown or missing options as Python refuses bad keyword arguments.
+
+    Raises:
+        TypeError: an option ``ToolOptions`` does not name, or no ``reversibility``.
+    """
+    unknown = sorted(set(options) - set(ToolOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"{what}() got an unexpected keyword argument {unknown[0]!r}")
+    if "reversibility" not in options:
+        raise TypeError(f"{what}() missing 1 required keyword-only argument: 'reversibility'")
+
+
+def declare(fn: Callable[..., Any], **options: Unpack[ToolOptions]) -> ToolSpec:
     """Validate a tool declaration and return its spec.
+
+    Args:
+        fn: the tool function (sync or async).
+        **options: see ``ToolOptions``.
 
     Raises:
         ConfigError: the declaration cannot be journaled or undone as declared.
+        TypeError: an unknown option, or no ``reversibility``.
     """
+    check_options("declare", options)
+    reversibility = options["reversibility"]
+    target, system = options.get("target"), options.get("system")
+    object_id, compensation = options.get("object_id"), options.get("compensation")
+    value, idempotency_key = options.get("value"), options.get("idempotency_key")
+    requires_approval, name = options.get("requires_approval"), options.get("name")
     kind = _parse_reversibility(reversibility)
     tool_name = name or fn.__name__
     params = [
@@ -226,6 +261,10 @@ def to_json_value(value: Any) -> JsonValue:
     return repr(value)
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def json_args(args: Mapping[str, Any]) -> JsonMap:
     """A call's arguments as a JSON map."""
-    return {k: to_json_value(v) for k, v in args.items()}
+    plain = _PLAIN
+    return {k: v if type(v) in plain else to_json_value(v) for k, v in args.items()}

@@ -99,6 +99,25 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def trusted_model(cls: type[ModelT], state: dict[str, Any], fields_set: set[str]) -> ModelT:
+    """A ``cls`` whose fields are ``state``, unvalidated: what ``model_construct`` builds.
+
+    ``state`` must hold every field of ``cls`` (in field order, so the model prints as a
+    validated one does) with values already of the right types; ``fields_set`` becomes
+    ``model_fields_set``. Both are owned by the model from then on.
+    """
+    instance = _new(cls)
+    _set(instance, "__dict__", state)
+    _set(instance, "__pydantic_fields_set__", fields_set)
+    _set(instance, "__pydantic_extra__", None)
+    _set(instance, "__pydantic_private__", None)
+    return instance
+
+
 def trusted_constructor(cls: type[ModelT]) -> Callable[..., ModelT]:
     """A constructor for ``cls`` that skips validation, for values already of the right types.
 
@@ -110,20 +129,13 @@ def trusted_constructor(cls: type[ModelT]) -> Callable[..., ModelT]:
     defaults = {n: f.default for n, f in fields.items()
                 if not f.is_required() and f.default_factory is None}
     factories = {n: f.default_factory for n, f in fields.items() if f.default_factory is not None}
-    new = object.__new__
-    set_attr = object.__setattr__
 
     def construct(**values: Any) -> ModelT:
         state = {**defaults, **values}
         for name, factory in factories.items():
             if name not in values:
                 state[name] = factory()  # type: ignore[call-arg]
-        instance = new(cls)
-        set_attr(instance, "__dict__", state)
-        set_attr(instance, "__pydantic_fields_set__", set(values))
-        set_attr(instance, "__pydantic_extra__", None)
-        set_attr(instance, "__pydantic_private__", None)
-        return instance
+        return trusted_model(cls, state, set(values))
 
     return construct
 

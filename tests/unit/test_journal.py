@@ -820,3 +820,95 @@ def test_origin_and_environment_of_a_run(world: World) -> None:
         tools["set_status"]("inv1", "void")
     event = world.event()
     assert event.origin is Origin.HUMAN and event.environment == "staging"
+
+
+# --- declaring: one set of options for journal.tool and declare ---------------------------------
+def test_unknown_or_missing_tool_options_fail_like_bad_keywords(world: World) -> None:
+    from backout.producers.registry import declare
+
+    def noop(x: int) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reversability'"):
+        world.journal.tool(reversability="read_only")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument"):
+        world.journal.tool()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        declare(noop, reversibility="read_only", bogus=1)  # type: ignore[call-arg]
+    assert world.journal.tools == {}
+
+
+# --- the events the Journal builds (without validation) look like validated ones ----------------
+class CapturingCodec:
+    """Single-object encoding that keeps every record it encodes."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+        self.inner = make_codec(None)
+
+    def encode(self, record: Any) -> bytes:
+        self.records.append(record)
+        return self.inner.encode(record)
+
+    def decode(self, raw: bytes, expected: Any = None) -> Any:
+        return self.inner.decode(raw, expected)
+
+
+@pytest.mark.parametrize("reversibility", ["reversible", "irreversible", "read_only"])
+def test_built_events_match_validated_models(world: World, reversibility: str) -> None:
+    codec = CapturingCodec()
+    journal = Journal(make_settings(), sink=InMemoryEventSink(), codec=codec)
+    options: dict[str, Any] = {"reversibility": reversibility}
+    if reversibility == "reversible":
+        options.update(target=world.target, object_id=lambda invoice_id, **_: invoice_id)
+    elif reversibility == "irreversible":
+        options.update(system="erp", object_id=lambda invoice_id, **_: invoice_id)
+
+    @journal.tool(**options)
+    def touch(invoice_id: str, amount: int = 3) -> dict[str, Any]:
+        return {"ok": True, "id": invoice_id}
+
+    with journal.run(agent="a", identity="i"), journal.annotate(labels={"l": "1"}):
+        touch("inv1")
+    (event,) = [e for e in codec.records if e.kind is EventKind.TOOL_CALL]
+    validated = ActionEvent.model_validate(event.model_dump())
+    assert validated == event
+    assert list(event.__dict__) == list(ActionEvent.model_fields)  # prints like `validated`
+    assert repr(event) == repr(validated)
+    assert event.model_fields_set == set(ActionEvent.model_fields) - {"kind", "compensates"}
+    assert event.requested_args == {"invoice_id": "inv1", "amount": 3}
+    if event.target is not None:
+        assert event.target.model_fields_set == {"system", "object_id"}
+    if event.compensation is not None:
+        assert event.compensation.model_fields_set == {"strategy"}
+        assert event.compensation.strategy == (
+            "restore_fields" if reversibility == "reversible" else "manual"
+        )
+    assert decode(codec.encode(event)) == event
+    journal.close()
+
+
+def test_event_ids_are_ulids(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+    import os
+
+    from backout.producers import ids
+
+    crockford = str.maketrans(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    )
+    for now_ns, random_bytes in [
+        (0, bytes(10)),
+        (1_763_870_400_123_456_789, bytes(range(10))),
+        (2**48 * 1_000_000 - 1, b"\xff" * 10),
+        (1_763_870_400_123_456_789, os.urandom(10)),
+    ]:
+        ms = now_ns // 1_000_000
+        raw = (ms & 0xFFFF_FFFF_FFFF).to_bytes(6, "big") + random_bytes
+        expected = base64.b32encode(b"\x00" * 4 + raw).decode()[6:32].translate(crockford)
+        monkeypatch.setattr(ids.os, "urandom", lambda n, b=random_bytes: b[:n])
+        assert ids.new_event_id(now_ns) == expected
+        assert ids.new_event_id(now_ns) == expected  # the cached time prefix
+    monkeypatch.undo()
+    assert ids.new_event_id() != ids.new_event_id()
+    assert ids.new_event_id(10**15) < ids.new_event_id(10**15 + 10**6)  # a ms later sorts after
