@@ -4,7 +4,8 @@ Confirm mode waits for this record's delivery report; ``message.timeout.ms`` is 
 to the publish timeout so librdkafka gives up at the same moment we do, and a record
 we reported as failed is never delivered later behind the caller's back. Background
 mode keeps retrying (``message.timeout.ms=0``) until ``close``, which reports what is
-still undelivered; a full local queue blocks the caller, it never drops.
+still undelivered; a full local queue blocks the caller, it never drops. ``close``
+releases the librdkafka producer (its threads and connections) in every case.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from backout.infra.broker import kafka_config
 from backout.infra.settings import Settings
 from backout.producers.sink import Headers, Published
 from backout.schemas.errors import PublishError
+
+_POLL_EVERY = 63
+"""Background mode serves delivery reports once per 64 records (a mask)."""
 
 
 class _Delivery:
@@ -59,7 +63,7 @@ class KafkaEventSink:
         self._timeout = settings.publish_timeout_s
         self._background = background
         timeout_ms = int(self._timeout * 1000)
-        self._producer = Producer(
+        self._producer: Producer | None = Producer(
             kafka_config(
                 settings,
                 bootstrap,
@@ -77,12 +81,35 @@ class KafkaEventSink:
         )
         self._failed: list[str] = []
         self._failed_lock = threading.Lock()
+        self._queued = 0
         self._closed = False
 
     def _background_report(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             with self._failed_lock:
                 self._failed.append(f"{msg.topic()}: {err.str()}")
+
+    def _produce(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers, callback: Any
+    ) -> Producer:
+        """Queue one record (blocking while the queue is full); the producer it went to."""
+        producer = self._producer
+        if producer is None:
+            raise PublishError("the event sink is closed", retryable=False)
+        while True:
+            try:
+                if headers:
+                    producer.produce(topic, value, key, headers=list(headers), on_delivery=callback)
+                else:
+                    producer.produce(topic, value, key, on_delivery=callback)
+                return producer
+            except BufferError:
+                producer.poll(0.01)  # a full queue blocks the caller, never drops
+            except KafkaException as exc:
+                err = exc.args[0]
+                raise PublishError(
+                    f"cannot publish to {topic!r}: {err.str()}", retryable=err.retriable()
+                ) from exc
 
     def publish(
         self,
@@ -96,23 +123,17 @@ class KafkaEventSink:
         confirm = (not self._background) if confirm is None else confirm
         if self._closed:
             raise PublishError("the event sink is closed", retryable=False)
-        delivery = _Delivery() if confirm else None
-        callback = delivery if delivery is not None else self._background_report
-        while True:
-            try:
-                self._producer.produce(
-                    topic, value, key, headers=list(headers or []), on_delivery=callback)
-                break
-            except BufferError:
-                self._producer.poll(0.01)  # a full queue blocks the caller, never drops
-            except KafkaException as exc:
-                err = exc.args[0]
-                raise PublishError(
-                    f"cannot publish to {topic!r}: {err.str()}", retryable=err.retriable()
-                ) from exc
-        if delivery is None:
-            self._producer.poll(0)
-            return Published(topic, key, value, list(headers or []))
+        headers = list(headers) if headers else []
+        if not confirm:
+            producer = self._produce(topic, key, value, headers, self._background_report)
+            self._queued += 1
+            if not self._queued & _POLL_EVERY:
+                # Serve delivery reports now and then, not per record: each poll costs
+                # about as much as a produce, and the reports keep until served.
+                producer.poll(0)
+            return Published(topic, key, value, headers)
+        delivery = _Delivery()
+        producer = self._produce(topic, key, value, headers, delivery)
         deadline = time.monotonic() + self._timeout + 1.0
         while not delivery.done.is_set():
             remaining = deadline - time.monotonic()
@@ -121,19 +142,19 @@ class KafkaEventSink:
                     f"no acknowledgement from the broker for {topic!r} in {self._timeout}s",
                     retryable=True,
                 )
-            self._producer.flush(min(remaining, 0.5))
+            producer.flush(min(remaining, 0.5))
         if delivery.error is not None:
             error = delivery.error
             raise PublishError(
                 f"broker refused or never acknowledged the record for {topic!r}: {error.str()}",
                 retryable=error.retriable(),
             ) from KafkaException(error)
-        return Published(
-            topic, key, value, list(headers or []), delivery.partition, delivery.offset
-        )
+        return Published(topic, key, value, headers, delivery.partition, delivery.offset)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every queued record; PublishError if some are still undelivered."""
+        if self._producer is None:
+            return
         remaining = self._producer.flush(self._timeout if timeout is None else timeout)
         with self._failed_lock:
             failed, self._failed = self._failed, []
@@ -145,10 +166,28 @@ class KafkaEventSink:
             )
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush, then refuse further records."""
+        """Flush, refuse further records, and release the librdkafka producer (its threads
+        and connections).
+
+        Raises:
+            PublishError: records are still undelivered when the timeout ends; they are
+                purged (never delivered later) and the producer is released all the same.
+        """
         if self._closed:
             return
+        self._closed = True
         try:
             self.flush(timeout)
         finally:
-            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        if len(producer):
+            # librdkafka's close waits without bound for queued records; these were
+            # reported undelivered, so drop them first.
+            producer.purge()
+            producer.poll(0)
+        producer.close()

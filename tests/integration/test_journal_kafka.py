@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -220,6 +221,78 @@ def test_background_mode_flushes_every_event_on_close(broker: Broker, tmp_path: 
     assert len({e.event_id for e in events}) == 2000
     assert sorted(int(e.result) for e in events) == list(range(2000))  # type: ignore[arg-type]
     assert {e.status for e in events} == {CallStatus.SUCCEEDED}
+
+
+def _native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _threads_settle(expected: int) -> int:
+    """The thread count once it is down to ``expected`` (native threads exit asynchronously)."""
+    for _ in range(300):
+        if _native_threads() <= expected:
+            break
+        time.sleep(0.01)
+    return _native_threads()
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_sink_close_delivers_then_releases_the_producer(broker: Broker, tmp_path: Path) -> None:
+    settings = fresh_settings(broker.bootstrap, tmp_path, delivery="background")
+    ensure_topics(settings, broker.bootstrap)
+    before = _native_threads()
+    sink = KafkaEventSink(settings, broker.bootstrap, background=True)
+    producer = sink._producer
+    assert isinstance(producer, Producer)
+    assert _native_threads() > before  # librdkafka's own threads
+    topic = settings.topic("actions")
+    for i in range(100):
+        sink.publish(topic, f"k{i % 7}".encode(), f"v{i}".encode())
+
+    sink.close(30)
+
+    assert _threads_settle(before) == before  # threads joined: the client is destroyed
+    with pytest.raises(RuntimeError):
+        producer.flush(0)  # destroyed, not merely flushed
+    with pytest.raises(PublishError, match="closed") as refused:
+        sink.publish(topic, b"k", b"late")
+    assert refused.value.retryable is False
+    sink.close()  # a second close is a no-op
+    sink.flush()  # and so is a flush after close
+    values = sorted(r.value for r in read_topic(settings, broker.bootstrap, "actions"))
+    assert values == sorted(f"v{i}".encode() for i in range(100))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize("background", [True, False])
+def test_sink_close_without_a_broker_reports_what_is_undelivered_and_releases(
+    tmp_path: Path, background: bool
+) -> None:
+    before = _native_threads()
+    settings = Settings(bootstrap=None, schema_registry_url=None, publish_timeout_s=0.5)
+    sink = KafkaEventSink(settings, _closed_port(), background=background,
+                          config={"log_level": 0})
+    if background:
+        for i in range(3):
+            sink.publish("backout.actions", b"k", f"v{i}".encode())
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="3 record"):
+            sink.close(0.5)
+        assert time.monotonic() - started < 10  # purged, not waited for without bound
+    else:
+        with pytest.raises(PublishError):
+            sink.publish("backout.actions", b"k", b"v")
+        sink.close(0.5)
+    assert sink._producer is None
+    assert _threads_settle(before) == before
+    with pytest.raises(PublishError, match="closed"):
+        sink.publish("backout.actions", b"k", b"v")
 
 
 @pytest.fixture
