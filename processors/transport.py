@@ -27,6 +27,8 @@ each is changed here, and nothing else:
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -348,6 +350,62 @@ def tuning_of(app: Any) -> Tuning:
     """The tuning of ``app`` (defaults for a plain faust App)."""
     found = getattr(app, "tuning", None)
     return found if isinstance(found, Tuning) else Tuning()
+
+
+class DirectSender:
+    """Sends records through the app's producer in call order, without faust's buffer.
+
+    Faust's ``send_soon`` queues a ``FutureMessage`` that one task hands to the producer
+    a record at a time, behind every changelog write queued before it. Here each call
+    returns a future at once and one drain task appends the queued records to the
+    producer's batches (which waits only when those are full); the future completes when
+    the broker acknowledged the record.
+    """
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+        self._queue: deque[tuple[str, bytes | None, bytes, Any, int | None, Any]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Any = None,
+        partition: int | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue a record; the future gives its metadata once the broker has it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((topic, key, value, headers, partition, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        send = self._app.producer.send
+        queue = self._queue
+        while queue:
+            topic, key, value, headers, partition, future = queue.popleft()
+            try:
+                sent: Any = await send(topic, key, value, partition, None, headers)
+            except Exception as exc:  # reported through the record's future
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            sent.add_done_callback(functools.partial(_settle, future))
+
+
+def _settle(future: asyncio.Future[Any], sent: asyncio.Future[Any]) -> None:
+    if future.done():
+        return
+    if sent.cancelled():
+        future.cancel()
+    elif (error := sent.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(sent.result())
 
 
 SEAL_KEY = b"\x00seal"
