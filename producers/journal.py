@@ -279,16 +279,18 @@ class Journal:
         return step_id
 
     # --- the call path ----------------------------------------------------------------------
-    def _require_run(self, what: str) -> RunContext:
+    def _require_run(self, what: str | ToolSpec) -> RunContext:
         run = CURRENT_RUN.get()
         if run is None:
+            if isinstance(what, ToolSpec):
+                what = f"tool {what.name!r} called"
             raise ConfigError(f"{what} outside a run: wrap it in `with journal.run(...)`")
         if self._closed:
             raise ConfigError("the journal is closed")
         return run
 
     def _begin(self, spec: ToolSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ToolCall:
-        run = self._require_run(f"tool {spec.name!r} called")
+        run = self._require_run(spec)
         bound = spec.bind(args, kwargs)
         step_id = run.next_step_id()
         override = KEY_OVERRIDE.get()

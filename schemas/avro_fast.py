@@ -87,8 +87,9 @@ class _Gen:
 
     ``read(schema, target, ind)`` emits code that reads one value at ``pos`` in ``buf``
     into the local ``target`` and advances ``pos``; ``write(schema, expr, ind)`` emits
-    code appending ``expr`` to the bytearray ``out``. The names the code uses are in
-    ``env`` (``exec`` the joined ``lines`` in a copy of it).
+    code appending ``expr`` to the bytearray ``out``, whose ``append`` it expects bound
+    to the local ``_ap``. The names the code uses are in ``env`` (``exec`` the joined
+    ``lines`` in a copy of it).
     """
 
     def __init__(self, binding: Binding) -> None:
@@ -159,7 +160,7 @@ class _Gen:
         if kind == "null":
             return
         if kind == "boolean":
-            self.emit(ind, f"out.append(1 if {expr} else 0)")
+            self.emit(ind, f"_ap(1 if {expr} else 0)")
         elif kind in ("int", "long"):
             self.write_size(expr, ind, signed=True)
         elif kind == "timestamp":
@@ -173,7 +174,7 @@ class _Gen:
         elif kind == "enum":
             table = self.var("ENUM")
             self.env[table] = {s: i << 1 for i, s in enumerate(schema["symbols"])}
-            self.emit(ind, f"out.append({table}[{expr}])")
+            self.emit(ind, f"_ap({table}[{expr}])")
         elif kind in ("array", "map"):
             self.write_block(schema, kind, expr, ind)
         elif kind == "union":
@@ -189,7 +190,7 @@ class _Gen:
         """Write a long, inlining the one-byte case (0 <= n < 64)."""
         n = self.local(expr, "n", ind)
         self.emit(ind, f"if {'0 <= ' if signed else ''}{n} < 64:")
-        self.emit(ind + 1, f"out.append({n} << 1)")
+        self.emit(ind + 1, f"_ap({n} << 1)")
         self.emit(ind, "else:")
         self.emit(ind + 1, f"write_long({n}, out)")
 
@@ -209,17 +210,17 @@ class _Gen:
         self.emit(ind + 1, f"if {n} < 64:")
         self.emit(ind + 2, f"out += _JSON_STR[{n}]")
         self.emit(ind + 1, "else:")
-        self.emit(ind + 2, "out.append(8)")
+        self.emit(ind + 2, "_ap(8)")
         self.emit(ind + 2, f"write_long({n}, out)")
         self.emit(ind + 1, f"out += {d}")
         self.emit(ind, f"elif {v} is None:")
-        self.emit(ind + 1, "out.append(0)")
+        self.emit(ind + 1, "_ap(0)")
         self.emit(ind, f"elif {t} is bool:")
         self.emit(ind + 1, f"out += _JSON_BOOL[{v}]")
         self.emit(ind, f"elif {t} is int and -64 <= {v} < 64:")
         self.emit(ind + 1, f"out += _JSON_INT[{v} + 64]")
         self.emit(ind, f"elif {t} is float:")
-        self.emit(ind + 1, "out.append(6)")
+        self.emit(ind + 1, "_ap(6)")
         self.emit(ind + 1, f"out += _DOUBLE.pack({v})")
         self.emit(ind, "else:")
         self.emit(ind + 1, f"write_json({v}, out)")
@@ -235,7 +236,7 @@ class _Gen:
             self.emit(ind + 1, f"for {key}, {item} in {m}.items():")
             self.write_bytes(f"{key}.encode()", ind + 2)
         self.write(schema["items" if kind == "array" else "values"], item, ind + 2)
-        self.emit(ind, "out.append(0)")
+        self.emit(ind, "_ap(0)")
 
     def write_union(self, branches: list[Any], expr: str, ind: int) -> None:
         resolved = [self.resolve(b) for b in branches]
@@ -244,9 +245,9 @@ class _Gen:
             raise AvroFastError(f"unsupported union {kinds}: only [null, X] and JSON values")
         u = self.local(expr, "u", ind)
         self.emit(ind, f"if {u} is None:")
-        self.emit(ind + 1, "out.append(0)")
+        self.emit(ind + 1, "_ap(0)")
         self.emit(ind, "else:")
-        self.emit(ind + 1, "out.append(2)")
+        self.emit(ind + 1, "_ap(2)")
         self.write(branches[1], u, ind + 1)
 
     # --- reading ------------------------------------------------------------------------
@@ -444,6 +445,7 @@ class CompiledRecord:
         gen = _Gen(binding)
         gen.emit(0, "def write(value, head=b''):")
         gen.emit(1, "out = bytearray(head)")
+        gen.emit(1, "_ap = out.append")
         gen.write(schema, "value", 1)
         gen.emit(1, "return bytes(out)")
         gen.emit(0, "def read(buf, pos=0):")

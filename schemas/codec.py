@@ -317,16 +317,16 @@ def _writer(record_type: type[BaseModel]) -> Callable[[BaseModel, bytes], bytes]
     return compiled(record_type).writer
 
 
+def _not_fitting(record: BaseModel, exc: Exception) -> SchemaError:
+    detail = exc if isinstance(exc, AvroFastError) else f"value does not fit the schema: {exc!r}"
+    return SchemaError(f"{type(record).__name__} does not fit its schema: {detail}")
+
+
 def _write(record: BaseModel, writer: Callable[[BaseModel, bytes], bytes], head: bytes) -> bytes:
     try:
         return writer(record, head)
-    except AvroFastError as exc:
-        raise SchemaError(f"{type(record).__name__} does not fit its schema: {exc}") from exc
-    except WRITE_ERRORS as exc:
-        raise SchemaError(
-            f"{type(record).__name__} does not fit its schema: value does not fit the schema: "
-            f"{exc!r}"
-        ) from exc
+    except (AvroFastError, *WRITE_ERRORS) as exc:
+        raise _not_fitting(record, exc) from exc
 
 
 def encode_body(record: BaseModel) -> bytes:
@@ -370,8 +370,11 @@ def _encoder(record_type: type[BaseModel]) -> tuple[Callable[[BaseModel, bytes],
 
 def encode(record: BaseModel) -> bytes:
     """Encode a record in Avro single-object encoding."""
-    found = _ENCODERS.get(type(record)) or _encoder(type(record))
-    return _write(record, found[0], found[1])
+    writer, head = _ENCODERS.get(type(record)) or _encoder(type(record))
+    try:
+        return writer(record, head)
+    except (AvroFastError, *WRITE_ERRORS) as exc:
+        raise _not_fitting(record, exc) from exc
 
 
 def _fast_decoders() -> dict[bytes, tuple[type[BaseModel], _Reader]]:
