@@ -23,6 +23,24 @@ from backout.schemas.errors import PublishError
 
 _POLL_EVERY = 63
 """Background mode serves delivery reports once per 64 records (a mask)."""
+_new = object.__new__
+_set = object.__setattr__
+
+
+def published(
+    topic: str,
+    key: bytes | None,
+    value: bytes,
+    headers: Headers,
+    partition: int | None = None,
+    offset: int | None = None,
+) -> Published:
+    """``Published(...)``, without the frozen dataclass's setattr per field (every publish
+    returns one; that cost as much as queueing the record)."""
+    record = _new(Published)
+    _set(record, "__dict__", {"topic": topic, "key": key, "value": value, "headers": headers,
+                              "partition": partition, "offset": offset})
+    return record
 
 
 class _Delivery:
@@ -131,7 +149,7 @@ class KafkaEventSink:
                 # Serve delivery reports now and then, not per record: each poll costs
                 # about as much as a produce, and the reports keep until served.
                 producer.poll(0)
-            return Published(topic, key, value, headers)
+            return published(topic, key, value, headers)
         delivery = _Delivery()
         producer = self._produce(topic, key, value, headers, delivery)
         deadline = time.monotonic() + self._timeout + 1.0
@@ -149,7 +167,7 @@ class KafkaEventSink:
                 f"broker refused or never acknowledged the record for {topic!r}: {error.str()}",
                 retryable=error.retriable(),
             ) from KafkaException(error)
-        return Published(topic, key, value, headers, delivery.partition, delivery.offset)
+        return published(topic, key, value, headers, delivery.partition, delivery.offset)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every queued record; PublishError if some are still undelivered."""

@@ -912,3 +912,14 @@ def test_event_ids_are_ulids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()
     assert ids.new_event_id() != ids.new_event_id()
     assert ids.new_event_id(10**15) < ids.new_event_id(10**15 + 10**6)  # a ms later sorts after
+
+
+def test_the_kafka_sinks_fast_published_is_a_published() -> None:
+    from backout.producers.kafka import published
+
+    for args in [("t", b"k", b"v", []), ("t", None, b"v", [("h", b"1")], 3, 17)]:
+        fast, plain = published(*args), Published(*args)  # type: ignore[arg-type]
+        assert fast == plain and repr(fast) == repr(plain)
+        assert dataclasses.asdict(fast) == dataclasses.asdict(plain)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.offset = 1  # type: ignore[misc]
