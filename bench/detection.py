@@ -390,13 +390,15 @@ def _watch_control(
     )
     consumer.assign([TopicPartition(settings.topic("control"), 0, 0)])
     while not stop.is_set():
-        for message in consumer.consume(100, 0.05):
-            if message.error() is None:
-                arrived = time.time()
-                command = codec.decode(message.value(), ControlCommand)
-                if command.cause:
-                    seen.setdefault(command.cause, arrived)
-                    issued.setdefault(command.cause, message.timestamp()[1] / 1000)
+        # poll, not consume(100, ...): consume waits for 100 records or its whole timeout,
+        # which would add up to that timeout to every freeze read
+        message = consumer.poll(0.05)
+        if message is not None and message.error() is None:
+            arrived = time.time()
+            command = codec.decode(message.value(), ControlCommand)
+            if command.cause:
+                seen.setdefault(command.cause, arrived)
+                issued.setdefault(command.cause, message.timestamp()[1] / 1000)
     consumer.close()
 
 

@@ -38,7 +38,7 @@ from faust.sensors import Monitor
 from faust.tables.table import Table
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP, Message
+from faust.types import TP, AppT, Message
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Tuning:
     """How long one fetch loop iteration waits for records before re-checking flow."""
     max_poll_records: int = 5000
     """Records per fetch (all partitions); each partition's share is one bulk delivery."""
-    linger_ms: int = 5
+    linger_ms: int = 1
     """How long the producer waits to batch records (adds to latency, saves CPU)."""
     session_timeout_s: float = 6.0
     heartbeat_s: float = 0.5
@@ -264,13 +264,15 @@ class TunedConsumer(faust_aiokafka.Consumer):
             found = self.__dict__["_gaps"] = {}
         return found
 
-    async def _deliver_unordered(self, tp: TP, message: Message
-                                 ) -> None:  # pragma: no cover - I/O loop
+    async def _deliver_unordered(
+        self, tp: TP, message: Message
+    ) -> None:  # pragma: no cover - I/O loop
         offset = message.offset
         r_offset = self._read_offset[tp]
         if r_offset is None or offset >= r_offset:
             await self.callback(message)
             self._read_offset[tp] = offset
+
 
 class TunedTransport(faust_aiokafka.Transport):
     """The aiokafka transport with :class:`TunedConsumer`."""
@@ -282,11 +284,18 @@ class RawSchema(faust.Schema):  # type: ignore[misc,type-arg,unused-ignore]
     """Keys and values as the bytes on the wire, without faust's codec lookups."""
 
     def __init__(self) -> None:
-        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw")
+        super().__init__(
+            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
 
-    def compile(self, app: Any, *, on_key_decode_error: Any = None,
-                on_value_decode_error: Any = None, default_propagate: bool = False) -> Any:
+    def compile(
+        self,
+        app: Any,
+        *,
+        on_key_decode_error: Any = None,
+        on_value_decode_error: Any = None,
+        default_propagate: bool = False,
+    ) -> Any:
         create_event = app.create_event
 
         async def decode(message: Message, *, propagate: bool = default_propagate) -> Any:
@@ -304,15 +313,17 @@ class LeanMonitor(Monitor):  # type: ignore[misc,unused-ignore]
     def on_stream_event_in(self, tp: TP, offset: int, stream: Any, event: Any) -> None:
         return None
 
-    def on_stream_event_out(self, tp: TP, offset: int, stream: Any, event: Any,
-                            state: Any = None) -> None:
+    def on_stream_event_out(
+        self, tp: TP, offset: int, stream: Any, event: Any, state: Any = None
+    ) -> None:
         return None
 
     def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
         return None
 
-    def on_send_initiated(self, producer: Any, topic: str, message: Any, keysize: int,
-                          valsize: int) -> Any:
+    def on_send_initiated(
+        self, producer: Any, topic: str, message: Any, keysize: int, valsize: int
+    ) -> Any:
         return None
 
     def on_send_completed(self, producer: Any, state: Any, metadata: Any) -> None:
@@ -362,20 +373,21 @@ class DirectSender:
     the broker acknowledged the record.
     """
 
-    def __init__(self, app: faust.App) -> None:
+    def __init__(self, app: AppT) -> None:
         self._app = app
-        self._queue: deque[tuple[str, bytes | None, bytes, Any, int | None, Any]] = deque()
+        self._queue: deque[tuple[str, bytes | None, bytes | None, Any, int | None, Any]] = deque()
         self._task: asyncio.Task[None] | None = None
 
     def send(
         self,
         topic: str,
         key: bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: Any = None,
         partition: int | None = None,
     ) -> asyncio.Future[Any]:
-        """Queue a record; the future gives its metadata once the broker has it."""
+        """Queue a record (None: a tombstone); the future gives its metadata once the
+        broker has it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((topic, key, value, headers, partition, future))
@@ -417,8 +429,17 @@ class StateTable(Table):  # type: ignore[misc,type-arg,unused-ignore]
 
     :meth:`put` and :meth:`drop` return the changelog send futures, so the caller can
     wait until its state is durable before the offsets of the records that produced it
-    are committed.
+    are committed. Writes go straight to the producer (:class:`DirectSender`), so they
+    skip faust's persisted-offset bookkeeping, which only RocksDB stores use: use it
+    with the memory store.
     """
+
+    def _direct(self) -> tuple[DirectSender, str]:
+        found: tuple[DirectSender, str] | None = self.__dict__.get("_direct_sender")
+        if found is None:
+            name = self.changelog_topic.get_topic_name()
+            found = self.__dict__["_direct_sender"] = (DirectSender(self.app), name)
+        return found
 
     def partition_for_key(self, key: Any) -> int | None:
         raise TypeError("write StateTable with put()/drop() and an explicit partition")
@@ -430,7 +451,8 @@ class StateTable(Table):  # type: ignore[misc,type-arg,unused-ignore]
 
     def put(self, key: bytes, value: bytes, partition: int) -> Any:
         """Store ``value`` and send it to changelog ``partition``; returns the future."""
-        future = self.send_changelog(partition, key, value)
+        sender, topic = self._direct()
+        future = sender.send(topic, key, value, partition=partition)
         self.data[key] = value
         return future
 
@@ -441,7 +463,8 @@ class StateTable(Table):  # type: ignore[misc,type-arg,unused-ignore]
         partition, so a broker that reports the base offset of the last batch as the
         high watermark still reports the real end, and recovery reads every write.
         """
-        sent = [self.send_changelog(p, SEAL_KEY, b"", value_serializer="raw") for p in partitions]
+        sender, topic = self._direct()
+        sent = [sender.send(topic, SEAL_KEY, b"", partition=p) for p in partitions]
         self.data[SEAL_KEY] = b""
         await asyncio.gather(*sent)
 
@@ -449,6 +472,7 @@ class StateTable(Table):  # type: ignore[misc,type-arg,unused-ignore]
         """Delete ``key`` (a tombstone on the changelog); None when it was absent."""
         if key not in self.data:
             return None
-        future = self.send_changelog(partition, key, None, value_serializer="raw")
+        sender, topic = self._direct()
+        future = sender.send(topic, key, None, partition=partition)
         del self.data[key]
         return future
