@@ -65,13 +65,50 @@ class Tuning:
 
 
 class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """The aiokafka consumer thread with a configurable fetch wait."""
+    """The aiokafka consumer thread with a configurable fetch wait, which pauses in
+    aiokafka the partitions faust does not read.
+
+    Faust "pauses" a partition (the changelog partitions of active tables once they are
+    recovered, streams during recovery) only in its own bookkeeping: aiokafka goes on
+    fetching it, and the records it fetched but nobody takes hold back every further
+    fetch from that broker for aiokafka's prefetch backoff (100 ms). The first checkpoint
+    after a start or rebalance thus stalled the streams for 100 ms.
+    """
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # aiokafka reads this when the consumer starts; faust hard-codes 1500 ms.
         consumer._fetch_max_wait_ms = tuning_of(self.consumer.app).fetch_wait_ms
         return consumer
+
+    async def _fetch_records(
+        self,
+        consumer: Any,
+        active_partitions: set[TP],
+        timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Any:
+        if active_partitions is not None:
+            _pause_idle(consumer, active_partitions)
+        return await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
+
+
+def _pause_idle(consumer: Any, active: set[TP]) -> None:
+    """Pause in aiokafka the assigned partitions not in ``active``, resume the others."""
+    paused = consumer.paused()
+    idle = {tp for tp in consumer.assignment() if tp not in active}
+    if idle == paused:
+        return
+    if paused - idle:
+        consumer.resume(*(paused - idle))
+    if idle - paused:
+        consumer.pause(*(idle - paused))
+        # Records prefetched before the pause would still hold back the next fetch; the
+        # position is unchanged, so a resumed partition fetches them again.
+        for tp in idle - paused:
+            consumer._fetcher._records.pop(tp, None)
 
 
 _UNSEEN: Any = object()
