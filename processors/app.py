@@ -46,15 +46,8 @@ from backout.processors.stages import (
     Store,
 )
 from backout.processors.supervisor import Supervisor
-from backout.processors.transport import (
-    DirectSender,
-    LeanMonitor,
-    RawSchema,
-    StateTable,
-    TunedApp,
-    TunedConsumer,
-    Tuning,
-)
+from backout.processors.transport import LeanMonitor, RawSchema, TunedApp, TunedConsumer, Tuning
+from backout.processors.writes import DirectSender, StateTable
 from backout.producers.targets import Target
 from backout.schemas.registry import make_codec
 from backout.schemas.signing import SigningKey
