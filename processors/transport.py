@@ -50,7 +50,7 @@ class Tuning:
     commit_interval_s: float = 1.0
     envelope_bytes: int = 512 * 1024
     """Routed batches are split so no message exceeds this."""
-    checkpoint_s: float = 0.5
+    checkpoint_s: float = 1.0
     """How often changed detector states are stored and processed records acknowledged."""
     settle_records: int = 20_000
     """Records waiting for acknowledgement that trigger an early checkpoint."""
