@@ -95,7 +95,7 @@ class Projector:
         store: SqlProjectionStore,
         dlq: EventSink | None = None,
         codec: Codec | None = None,
-        batch_size: int = 5000,
+        batch_size: int = 20_000,
         partitions: Sequence[int] | None = None,
         workers: int = 1,
         config: dict[str, Any] | None = None,
@@ -215,7 +215,8 @@ class Projector:
 
         The end is the high watermark when it starts, raised by what fetches report (some
         brokers answer ListOffsets with the last batch's base offset): it returns once
-        every partition passed its end and a poll came back empty.
+        every partition passed its end and a poll came back empty (a short poll once the
+        end is reached).
 
         Raises:
             ProjectionError: the end was not reached within ``timeout`` seconds.
@@ -227,10 +228,13 @@ class Projector:
         ends = self.high_watermarks()
         stats = ProjectorStats()
         started = time.monotonic()
+        reached = False
         while True:
-            read = self.poll(stats, timeout=0.2)
+            # Once at the end, one short empty poll confirms nothing more has arrived.
+            read = self.poll(stats, timeout=0.05 if reached else 0.2)
             ends = self._raise_ends(ends)
-            if read == 0 and self._reached(ends):
+            reached = self._reached(ends)
+            if read == 0 and reached:
                 break
             if time.monotonic() - started > timeout:
                 behind = {

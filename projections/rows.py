@@ -96,18 +96,27 @@ def dump_json(value: JsonValue) -> str:
     return _ENCODER.encode(value)
 
 
+_KEYS: dict[str, str] = {}
+"""``"name":`` of the plain field names seen so far (a bounded cache)."""
+
+
 def _flat_object(value: dict[str, JsonValue]) -> str | None:
     """An object of plain strings and ints as canonical JSON, else None."""
     parts = []
     for name in sorted(value):
+        head = _KEYS.get(name)
+        if head is None:
+            if type(name) is not str or not _plain(name):
+                return None
+            head = f'"{name}":'
+            if len(_KEYS) < 10_000:
+                _KEYS[name] = head
         item = value[name]
         kind = type(item)
-        if type(name) is not str or not _plain(name):
-            return None
         if kind is str and _plain(item):  # type: ignore[arg-type]
-            parts.append(f'"{name}":"{item}"')
+            parts.append(f'{head}"{item}"')
         elif kind is int:
-            parts.append(f'"{name}":{item}')
+            parts.append(f"{head}{item}")
         else:
             return None
     return "{" + ",".join(parts) + "}"

@@ -387,6 +387,7 @@ class _Batch:
         self.states: dict[str, tuple[RecordState, str]] = {}
         self.dirty: set[str] = set()
         self.write_rows: list[tuple[Any, ...]] = []
+        self.state_rows: list[tuple[Any, ...]] = []
 
     def upsert(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -413,6 +414,7 @@ class _Batch:
             states[key] = (change.state, opaque)
             rows += [write_row(key, w) for w in change.writes]
         self.dirty.update(key for key, _ in changes)
+        self.state_rows = [state_row(*states[k]) for k in sorted(self.dirty)]
 
     def shared(self, prepared: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[RecordState, str]]:
         """Fold runs, steps and tasks and write every row; returns the changed record states."""
@@ -460,12 +462,7 @@ class _Batch:
                 dirty_tasks.add(task_id)
         self.sql.insert(conn, t.journal, JOURNAL_COLUMNS, [prepared[e.event_id] for e in events])
         self.sql.insert(conn, t.field_writes, WRITE_COLUMNS, self.write_rows)
-        self.sql.upsert(
-            conn,
-            t.record_state,
-            STATE_COLUMNS,
-            [state_row(*self.states[k]) for k in sorted(self.dirty)],
-        )
+        self.sql.upsert(conn, t.record_state, STATE_COLUMNS, self.state_rows)
         self.upsert(conn, t.runs, [run_row(runs[r]) for r in run_ids])
         self.upsert(conn, t.checkpoints, point_rows)
         self.upsert(conn, t.compensations, link_rows)

@@ -53,22 +53,22 @@ def test_views_and_positions_commit_together(
     store: SqlProjectionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = incident()
-    real = store_module.state_row
+    real = store_module.run_row
 
-    def broken(state: Any, opaque: str) -> Any:
-        # Fails after the journal and field_writes rows of the batch were inserted.
-        if state.object_id == "i2":
-            raise RuntimeError("disk on fire")
-        return real(state, opaque)
+    def broken(run: Any) -> Any:
+        # Fails after the journal, field_writes and record_state rows were written.
+        raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(store_module, "state_row", broken)
+    monkeypatch.setattr(store_module, "run_row", broken)
     with pytest.raises(RuntimeError):
         store.apply(positioned(log.events))
-    assert store.counts()["events"] == 0 and store.positions(TOPIC) == {}
-    assert store.counts()["field_writes"] == 0
-    monkeypatch.setattr(store_module, "state_row", real)
+    counts = store.counts()
+    assert (counts["events"], counts["field_writes"], counts["records"]) == (0, 0, 0)
+    assert store.positions(TOPIC) == {}
+    monkeypatch.setattr(store_module, "run_row", real)
     result = store.apply(positioned(log.events))
     assert result.applied == len(log.events) and store.positions(TOPIC) == {0: 3}
+    assert store.record("erp", "i1") == fold(log.events).records["erp/i1"]
 
 
 def test_positions_of_skipped_records_are_stored(store: SqlProjectionStore) -> None:
