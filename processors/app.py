@@ -127,6 +127,15 @@ class Pipeline:
             assert self._task is not None
             await asyncio.shield(self._task)
 
+    async def close(self) -> None:
+        """Settle everything submitted so far and stop the periodic settling."""
+        try:
+            await self.drain()
+        finally:
+            if self._ticker is not None:
+                self._ticker.cancel()
+                self._ticker = None
+
     def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._settle())
@@ -263,6 +272,7 @@ class Processors:
         app.timer(interval=30.0)(self._report)
         app.on_partitions_revoked.connect(self._revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._assigned)  # type: ignore[arg-type]
+        app.on_before_shutdown.connect(self._shutdown)  # type: ignore[arg-type]
 
     @property
     def _consumer(self) -> TunedConsumer:
@@ -309,6 +319,15 @@ class Processors:
         await self._routing.drain()
         await self._detecting.drain()
         self.detector.reset()
+
+    async def _shutdown(self, app: Any, **_: Any) -> None:
+        # The consumer has stopped and the producer still runs: settle what was
+        # processed, so its outputs and states are stored before the producer closes.
+        for pipeline in (self._routing, self._detecting):
+            try:
+                await pipeline.close()
+            except Exception:  # already logged; the records are redone after a restart
+                log.warning("%s: not settled at shutdown", pipeline.name)
 
     def _batch(self, stage: str, count: int) -> None:
         if self._on_batch is not None:
