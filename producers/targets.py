@@ -9,22 +9,46 @@ To add an HTTP or SaaS target, implement :class:`Target`: ``system`` names it,
 ``read`` returns a :class:`RecordImage` (``exists=False`` when absent), and the three
 writes return a :class:`CasResult`. Raise ``TargetUnavailable`` when the system cannot
 be reached, so callers can tell "could not try" from "tried and the values differed".
+A target that can restore many records in one round trip also implements
+:class:`BatchTarget` (``compare_and_set_many``); the rollback executor then sends it
+consecutive restores in batches. ``tests/contract/test_target_contract.py`` holds every
+adapter to these rules.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from pydantic import JsonValue
-from sqlalchemy import Column, MetaData, Table, and_, delete, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Uuid,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, NoSuchTableError, OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
 from backout.schemas.errors import BackoutError, ConfigError
 from backout.schemas.events import JsonMap, RecordImage
+
+_CHUNK = 500
+"""Keys per ``IN (...)`` when reading many records back."""
 
 
 class TargetUnavailable(BackoutError):
@@ -76,6 +100,26 @@ class Target(Protocol):
         ...
 
 
+CasItem: TypeAlias = tuple[str, JsonMap, JsonMap]
+"""``(object_id, expected, desired)``, as ``compare_and_set`` takes them."""
+
+
+@runtime_checkable
+class BatchTarget(Target, Protocol):
+    """A Target that can also apply many compare-and-sets in one round trip (optional)."""
+
+    def compare_and_set_many(self, items: Sequence[CasItem]) -> list[CasResult]:
+        """``compare_and_set`` for each item, judged and reported item by item.
+
+        Each item is guarded on its own: one conflict leaves the others to apply. The
+        results are in the order of ``items``.
+
+        Raises:
+            TargetUnavailable: the system cannot be reached (nothing was written).
+        """
+        ...
+
+
 class SqlTableTarget:
     """A SQL table as a Target (SQLAlchemy Core).
 
@@ -105,6 +149,7 @@ class SqlTableTarget:
         self._system = system or table
         self._fields = fields
         self._table: Table | None = None
+        self._statements: dict[tuple[tuple[str, bool], ...], Any] = {}
 
     @property
     def system(self) -> str:
@@ -140,12 +185,21 @@ class SqlTableTarget:
         return [c.name for c in self.table.c if c.name not in (self.key, self.version)]
 
     def _key_value(self, object_id: str) -> object:
-        column: Column[object] = self.table.c[self.key]
+        """``object_id`` as a value of the key column (events carry ids as text)."""
+        kind = self.table.c[self.key].type
         try:
-            python_type = column.type.python_type
-        except NotImplementedError:
-            return object_id
-        return python_type(object_id) if python_type is not str else object_id
+            if isinstance(kind, Integer):
+                return int(object_id)
+            if isinstance(kind, Numeric):
+                return Decimal(object_id) if kind.asdecimal else float(object_id)
+            if isinstance(kind, Uuid) and kind.as_uuid:
+                return uuid.UUID(object_id)
+        except (ValueError, InvalidOperation) as exc:
+            raise ConfigError(
+                f"{self._system}: {object_id!r} is not a value of key column "
+                f"{self.table_name}.{self.key} ({kind})"
+            ) from exc
+        return object_id  # text and every other type compare as text
 
     def _image(self, row: dict[str, object] | None) -> RecordImage:
         if row is None:
@@ -226,6 +280,74 @@ class SqlTableTarget:
             raise TargetUnavailable(f"{self._system}: {exc.orig}") from exc
         except IntegrityError:  # a concurrent insert won the race
             return CasResult(CasOutcome.CONFLICT, self.read(object_id))
+
+    def compare_and_set_many(self, items: Sequence[CasItem]) -> list[CasResult]:
+        """``compare_and_set`` for each item, in one transaction (:class:`BatchTarget`).
+
+        Each record costs one guarded UPDATE (``WHERE key = ? AND field = <expected>``)
+        instead of a transaction of three statements; the live images are read once
+        afterwards to tell APPLIED, ALREADY and CONFLICT apart. A concurrent writer can
+        only turn an item into a conflict, never be overwritten.
+
+        Raises:
+            TargetUnavailable: the database cannot be reached (nothing was written).
+        """
+        for _, expected, desired in items:
+            self._check_fields(expected, desired)
+        try:
+            with self.engine.begin() as conn:
+                written = [self._guarded_update(conn, *item) for item in items]
+                images = self._images(conn, [object_id for object_id, _, _ in items])
+        except OperationalError as exc:
+            raise TargetUnavailable(f"{self._system}: {exc.orig}") from exc
+        out = []
+        for (object_id, _, desired), wrote in zip(items, written, strict=True):
+            live = images.get(object_id, RecordImage(exists=False))
+            if wrote:
+                out.append(CasResult(CasOutcome.APPLIED, live))
+            elif live.exists and all(live.fields.get(k) == v for k, v in desired.items()):
+                out.append(CasResult(CasOutcome.ALREADY, live))
+            else:
+                out.append(CasResult(CasOutcome.CONFLICT, live))
+        return out
+
+    def _guarded_update(
+        self, conn: Connection, object_id: str, expected: JsonMap, desired: JsonMap
+    ) -> bool:
+        # One compiled statement per shape of guard (which fields, which expect NULL).
+        shape = tuple(sorted((k, v is None) for k, v in expected.items())) + tuple(
+            sorted((f"={k}", False) for k in desired)
+        )
+        stmt = self._statements.get(shape)
+        if stmt is None:
+            stmt = self._statements[shape] = self._update_statement(expected, desired)
+        params: dict[str, object] = {"_key": self._key_value(object_id)}
+        params.update({f"_e_{k}": v for k, v in expected.items() if v is not None})
+        params.update({f"_d_{k}": v for k, v in desired.items()})
+        return bool(conn.execute(stmt, params).rowcount == 1)
+
+    def _update_statement(self, expected: JsonMap, desired: JsonMap) -> Any:
+        table, version = self.table, self.version
+        key: Column[Any] = table.c[self.key]
+        clauses = [key == bindparam("_key")]
+        for name, value in sorted(expected.items()):
+            column = table.c[name]
+            clauses.append(column.is_(None) if value is None else column == bindparam(f"_e_{name}"))
+        values: dict[str, Any] = {name: bindparam(f"_d_{name}") for name in desired}
+        if version:
+            values[version] = table.c[version] + 1
+        return update(table).where(and_(*clauses)).values(values)
+
+    def _images(self, conn: Connection, object_ids: Sequence[str]) -> dict[str, RecordImage]:
+        key = self.table.c[self.key]
+        out: dict[str, RecordImage] = {}
+        ids = list(dict.fromkeys(object_ids))
+        for start in range(0, len(ids), _CHUNK):
+            by_value = {self._key_value(i): i for i in ids[start : start + _CHUNK]}
+            for row in conn.execute(select(self.table).where(key.in_(list(by_value)))):
+                mapping = dict(row._mapping)
+                out[by_value[mapping[self.key]]] = self._image(mapping)
+        return out
 
     def _check_fields(self, *maps: JsonMap) -> None:
         for values in maps:

@@ -1,7 +1,7 @@
 """Surgical rollback: scopes, plans (pure) and the executor that applies them.
 
-``plan_rollback`` and the plan types are pure; the executor, the batch writer and the
-targets loader are adapters, imported from their modules
+``plan_rollback`` and the plan types are pure; the executor and the targets loader are
+adapters, imported from their modules
 (``backout.rollback.executor.RollbackExecutor``), so importing this package pulls in no
 Kafka or SQL client.
 """

@@ -35,9 +35,9 @@ from backout.producers.ids import new_event_id
 from backout.producers.registry import to_json_value
 from backout.producers.sink import EventSink
 from backout.producers.targets import (
+    BatchTarget,
     CasOutcome,
     CasResult,
-    SqlTableTarget,
     Target,
     TargetUnavailable,
 )
@@ -54,7 +54,6 @@ from backout.projections.fold import (
     LABEL_UNDOES,
     StepState,
 )
-from backout.rollback.batch import SqlBatchWriter
 from backout.rollback.plan import Decision, PlanStep, RollbackPlan
 from backout.rollback.results import DONE_OUTCOMES, RollbackReport, StepOutcome, StepResult
 from backout.schemas.errors import ConfigError, PublishError, RollbackError
@@ -111,8 +110,8 @@ class RollbackExecutor:
         identity: the identity rollback events are attributed to (the operator).
         clock: the time source (tests pass a fixed one).
         flush_every: compare-and-set steps journaled between two flushes of the sink.
-        batch_size: consecutive restores on one SqlTableTarget applied per transaction
-            (1 turns batching off).
+        batch_size: consecutive restores on one BatchTarget (such as SqlTableTarget)
+            sent in one ``compare_and_set_many`` (1 turns batching off).
     """
 
     def __init__(
@@ -209,14 +208,14 @@ class _Run:
         self.freezes: dict[str, str] = {}
         self.notes: list[str] = []
         self.since_flush = 0
-        self.writers: dict[str, SqlBatchWriter] = {}
+        self.batching: dict[str, BatchTarget | None] = {}
 
     # --- dispatch ---------------------------------------------------------------------------
     def execute_all(self, steps: Sequence[PlanStep]) -> Iterator[StepResult]:
-        """Results in plan order; consecutive restores on one SQL table go in batches."""
+        """Results in plan order; consecutive restores on one BatchTarget go in batches."""
         i = 0
         while i < len(steps):
-            writer = self.batch_writer(steps[i])
+            writer = self.batch_target(steps[i])
             if writer is None:
                 yield self.execute(steps[i])
                 i += 1
@@ -225,24 +224,24 @@ class _Run:
             while (
                 i + len(group) < len(steps)
                 and len(group) < self.x.batch_size
-                and self.batch_writer(steps[i + len(group)]) is writer
+                and self.batch_target(steps[i + len(group)]) is writer
             ):
                 group.append(steps[i + len(group)])
             yield from self.restore_batch(writer, group)
             i += len(group)
 
-    def batch_writer(self, step: PlanStep) -> SqlBatchWriter | None:
-        """The batch writer for a restore step that will really run, if its target has one."""
+    def batch_target(self, step: PlanStep) -> BatchTarget | None:
+        """The target to batch a restore step on, when the step will really run and its
+        target implements ``compare_and_set_many``."""
         if step.decision is not Decision.RESTORE or self.done_before(step) is not None:
             return None
         system = step.system or ""
-        target = self.x.targets.get(system)
-        if not isinstance(target, SqlTableTarget) or system in self.unavailable:
+        if system in self.unavailable:
             return None
-        writer = self.writers.get(system)
-        if writer is None:
-            writer = self.writers[system] = SqlBatchWriter(target)
-        return writer
+        if system not in self.batching:
+            target = self.x.targets.get(system)
+            self.batching[system] = target if isinstance(target, BatchTarget) else None
+        return self.batching[system]
 
     def done_before(self, step: PlanStep) -> str | None:
         """The outcome of this step in an earlier attempt, when it must not run again."""
@@ -301,8 +300,8 @@ class _Run:
             return self.result(step, StepOutcome.PENDING, self.unavailable[system])
         return self.finish_cas(step, cas, expected)
 
-    def restore_batch(self, writer: SqlBatchWriter, group: list[PlanStep]) -> list[StepResult]:
-        """Restore consecutive steps on one SQL table in one transaction."""
+    def restore_batch(self, writer: BatchTarget, group: list[PlanStep]) -> list[StepResult]:
+        """Restore consecutive steps on one target with one ``compare_and_set_many``."""
         for step in group:
             self.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=False)
         items = [(step.object_id or "", step.expected(), step.desired()) for step in group]

@@ -15,8 +15,13 @@ import pytest
 import sqlalchemy as sa
 from pydantic import JsonValue
 
-from backout.producers.targets import CasOutcome, CasResult, SqlTableTarget, Target
-from backout.rollback.batch import SqlBatchWriter
+from backout.producers.targets import (
+    BatchTarget,
+    CasOutcome,
+    CasResult,
+    SqlTableTarget,
+    Target,
+)
 from backout.schemas.errors import ConfigError
 from backout.schemas.events import JsonMap
 from tests.fakes import InMemoryTarget
@@ -131,11 +136,11 @@ def _sql_target(url: str, records: Records) -> SqlTableTarget:
 
 
 class BatchedTarget:
-    """SqlTableTarget whose compare_and_set goes through the executor's batch writer."""
+    """A BatchTarget whose ``compare_and_set`` goes through ``compare_and_set_many``, so
+    the whole Target contract also holds the batched path to the single-record rules."""
 
-    def __init__(self, target: SqlTableTarget) -> None:
+    def __init__(self, target: BatchTarget) -> None:
         self.inner = target
-        self.writer = SqlBatchWriter(target)
 
     @property
     def system(self) -> str:
@@ -145,13 +150,45 @@ class BatchedTarget:
         return self.inner.read(object_id)
 
     def compare_and_set(self, object_id: str, expected: JsonMap, desired: JsonMap) -> CasResult:
-        return self.writer.compare_and_set_many([(object_id, expected, desired)])[0]
+        return self.inner.compare_and_set_many([(object_id, expected, desired)])[0]
 
     def delete_if(self, object_id: str, expected: JsonMap) -> CasResult:
         return self.inner.delete_if(object_id, expected)
 
     def insert_if_absent(self, object_id: str, fields: JsonMap) -> CasResult:
         return self.inner.insert_if_absent(object_id, fields)
+
+
+class BatchTargetContract(TargetContract):
+    """What ``compare_and_set_many`` adds: many records, each judged alone, in order."""
+
+    def test_is_a_batch_target(self, target: Target) -> None:
+        assert isinstance(target, BatchedTarget) and isinstance(target.inner, BatchTarget)
+
+    def test_a_batch_judges_each_record_alone(self, target: Target) -> None:
+        assert isinstance(target, BatchedTarget)
+        results = target.inner.compare_and_set_many(
+            [
+                ("inv1", {"status": "open"}, {"status": "void"}),
+                ("inv2", {"status": "wrong"}, {"status": "x"}),
+                ("nope", {"status": "open"}, {"status": "void"}),
+                ("inv2", {"amount": 1}, {"amount": 5}),
+            ]
+        )
+        assert [r.outcome for r in results] == [
+            CasOutcome.APPLIED,
+            CasOutcome.CONFLICT,
+            CasOutcome.CONFLICT,
+            CasOutcome.ALREADY,
+        ]
+        assert [r.live.exists for r in results] == [True, True, False, True]
+        assert target.read("inv1").fields == {"status": "void", "amount": 100}
+        assert target.read("inv2").fields == {"status": None, "amount": 5}
+
+    def test_an_empty_batch_writes_nothing(self, target: Target) -> None:
+        assert isinstance(target, BatchedTarget)
+        assert target.inner.compare_and_set_many([]) == []
+        assert target.read("inv1").fields == START["inv1"]
 
 
 class TestSqlTableTargetOnSqlite(TargetContract):
@@ -167,27 +204,17 @@ class TestSqlTableTargetOnSqlite(TargetContract):
             target.compare_and_set("inv1", {"nope": 1}, {"status": "x"})
 
 
-class TestBatchedSqlWritesOnSqlite(TestSqlTableTargetOnSqlite):
+class TestBatchedSqlWritesOnSqlite(BatchTargetContract, TestSqlTableTargetOnSqlite):
     def make(self, records: Records) -> Target:
         return BatchedTarget(_sql_target(f"sqlite:///{self.path / 'erp.db'}", records))
 
-    def test_a_batch_judges_each_record_alone(self, target: Target) -> None:
+    def test_unknown_fields_are_refused_before_anything_is_written(self, target: Target) -> None:
         assert isinstance(target, BatchedTarget)
-        results = target.writer.compare_and_set_many(
-            [
-                ("inv1", {"status": "open"}, {"status": "void"}),
-                ("inv2", {"status": "wrong"}, {"status": "x"}),
-                ("nope", {"status": "open"}, {"status": "void"}),
-                ("inv2", {"amount": 1}, {"amount": 5}),
-            ]
-        )
-        assert [r.outcome for r in results] == [
-            CasOutcome.APPLIED,
-            CasOutcome.CONFLICT,
-            CasOutcome.CONFLICT,
-            CasOutcome.ALREADY,
-        ]
-        assert target.read("inv1").fields["status"] == "void"
+        with pytest.raises(ConfigError, match="not a field"):
+            target.inner.compare_and_set_many(
+                [("inv1", {"status": "open"}, {"status": "void"}), ("inv2", {"nope": 1}, {})]
+            )
+        assert target.read("inv1").fields["status"] == "open"
 
 
 @pytest.mark.postgres
@@ -201,6 +228,6 @@ class TestSqlTableTargetOnPostgres(TargetContract):
 
 
 @pytest.mark.postgres
-class TestBatchedSqlWritesOnPostgres(TestSqlTableTargetOnPostgres):
+class TestBatchedSqlWritesOnPostgres(BatchTargetContract, TestSqlTableTargetOnPostgres):
     def make(self, records: Records) -> Target:
         return BatchedTarget(_sql_target(self.url, records))
