@@ -41,6 +41,45 @@ _KEY = String(600)
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 """Autoincrementing ids: SQLite only autoincrements INTEGER PRIMARY KEY."""
 
+
+# --- column groups several tables share ----------------------------------------------------
+def _ids(*names: str, required: bool = False) -> list[Column[str]]:
+    """Id columns (runs, agents, events...)."""
+    return [Column(name, _ID, nullable=not required) for name in names]
+
+
+def _times(*names: str, required: bool = False) -> list[Column[int]]:
+    """Moments as integer microseconds since the epoch (UTC)."""
+    return [Column(name, BigInteger, nullable=not required) for name in names]
+
+
+def _flags(*names: str) -> list[Column[bool]]:
+    return [Column(name, Boolean, nullable=False) for name in names]
+
+
+def _actor() -> list[Column[str]]:
+    """Who acted: the agent, the identity it acted as, and the tenant."""
+    return [*_ids("agent_id", "identity", required=True), *_ids("tenant")]
+
+
+def _target(*, required: bool = False) -> list[Column[str]]:
+    """The target record: ``system`` and ``object_id``."""
+    return [
+        Column("system", _ID, nullable=not required),
+        Column("object_id", _KEY, nullable=not required),
+    ]
+
+
+def _json(name: str, comment: str, *, required: bool = False) -> Column[str]:
+    """A JSON value as canonical text."""
+    return Column(name, Text, nullable=not required, comment=comment)
+
+
+def _state(*values: str) -> Column[str]:
+    """A short status text (one of ``values``)."""
+    return Column("status", String(20), nullable=False, comment=" | ".join(values))
+
+
 journal = Table(
     "journal",
     metadata,
@@ -53,31 +92,27 @@ journal = Table(
     ),
     Column("event_id", _ID, nullable=False, unique=True),
     Column("kind", String(40), nullable=False),
-    Column("occurred_us", BigInteger, nullable=False),
-    Column("run_id", _ID, nullable=False),
-    Column("parent_run_id", _ID),
-    Column("agent_id", _ID, nullable=False),
-    Column("identity", _ID, nullable=False),
-    Column("tenant", _ID),
-    Column("environment", _ID, nullable=False),
-    Column("workflow", _ID),
+    *_times("occurred_us", required=True),
+    *_ids("run_id", required=True),
+    *_ids("parent_run_id"),
+    *_actor(),
+    *_ids("environment", required=True),
+    *_ids("workflow"),
     Column("step_id", _KEY, nullable=False),
     Column("parent_step_id", _KEY),
-    Column("tool", _ID, nullable=False),
-    Column("system", _ID),
-    Column("object_id", _KEY),
+    *_ids("tool", required=True),
+    *_target(),
     Column("record_key", _KEY, comment="system/object_id of the target record"),
     Column("reversibility", String(20), nullable=False),
     Column("status", String(20), nullable=False),
     Column("origin", String(20), nullable=False),
-    Column("compensates", _ID),
+    *_ids("compensates"),
     Column("undoes", Text, comment="space-separated event ids this event undoes"),
-    Column("compensation", Text, comment="JSON of the declared compensation"),
-    Column("labels", Text, comment="JSON object"),
-    Column("job_id", _ID),
-    Column("has_after", Boolean, nullable=False),
-    Column("changes_record", Boolean, nullable=False),
-    Column("topic", _ID, nullable=False),
+    _json("compensation", "JSON of the declared compensation"),
+    _json("labels", "JSON object"),
+    *_ids("job_id"),
+    *_flags("has_after", "changes_record"),
+    *_ids("topic", required=True),
     Column("partition", Integer, nullable=False),
     Column("offset", BigInteger, nullable=False),
     Column("payload", LargeBinary, nullable=False, comment="the record as read from the topic"),
@@ -93,15 +128,13 @@ record_state = Table(
     "record_state",
     metadata,
     Column("record_key", _KEY, primary_key=True),
-    Column("system", _ID, nullable=False),
-    Column("object_id", _KEY, nullable=False),
-    Column("exists", Boolean, nullable=False),
-    Column("known", Boolean, nullable=False),
-    Column("fields", Text, nullable=False, comment="JSON object of known field values"),
-    Column("version", Text, comment="JSON value"),
+    *_target(required=True),
+    *_flags("exists", "known"),
+    _json("fields", "JSON object of known field values", required=True),
+    _json("version", "JSON value"),
     Column("seq", BigInteger, nullable=False, comment="last field_writes.seq of the record"),
-    Column("last_event_id", _ID),
-    Column("updated_us", BigInteger),
+    *_ids("last_event_id"),
+    *_times("updated_us"),
     Column(
         "opaque",
         Text,
@@ -118,32 +151,26 @@ field_writes = Table(
     Column("record_key", _KEY, primary_key=True),
     Column("seq", BigInteger, primary_key=True),
     Column("field", String(200), primary_key=True, comment="a field name or $exists"),
-    Column("event_id", _ID, nullable=False),
-    Column("run_id", _ID),
+    *_ids("event_id", required=True),
+    *_ids("run_id"),
     Column("origin", String(20), comment="null: an unjournaled write"),
-    Column("occurred_us", BigInteger, nullable=False),
-    Column("before", Text, comment="JSON; null when absent"),
-    Column("before_present", Boolean, nullable=False),
-    Column("after", Text, comment="JSON; null when absent"),
-    Column("after_present", Boolean, nullable=False),
-    Column("journaled", Boolean, nullable=False),
-    Column("before_known", Boolean, nullable=False),
+    *_times("occurred_us", required=True),
+    _json("before", "JSON; null when absent"),
+    *_flags("before_present"),
+    _json("after", "JSON; null when absent"),
+    *_flags("after_present", "journaled", "before_known"),
 )
 
 runs = Table(
     "runs",
     metadata,
     Column("run_id", _ID, primary_key=True),
-    Column("parent_run_id", _ID),
-    Column("agent_id", _ID, nullable=False),
-    Column("identity", _ID, nullable=False),
-    Column("tenant", _ID),
-    Column("workflow", _ID),
-    Column("environment", _ID, nullable=False),
-    Column("status", String(20), nullable=False),
-    Column("started_us", BigInteger),
-    Column("finished_us", BigInteger),
-    Column("last_event_us", BigInteger),
+    *_ids("parent_run_id"),
+    *_actor(),
+    *_ids("workflow"),
+    *_ids("environment", required=True),
+    _state("running", "finished", "failed"),
+    *_times("started_us", "finished_us", "last_event_us"),
     Column("calls", BigInteger, nullable=False),
     Column("writes", BigInteger, nullable=False),
     Index("ix_runs_parent", "parent_run_id"),
@@ -156,7 +183,7 @@ checkpoints = Table(
     Column("run_id", _ID, primary_key=True),
     Column("event_id", _ID, primary_key=True),
     Column("name", String(400), nullable=False),
-    Column("occurred_us", BigInteger, nullable=False),
+    *_times("occurred_us", required=True),
 )
 
 compensations = Table(
@@ -165,8 +192,8 @@ compensations = Table(
     Column("undone_event_id", _ID, primary_key=True),
     Column("inverse_event_id", _ID, primary_key=True),
     Column("origin", String(20), nullable=False),
-    Column("occurred_us", BigInteger, nullable=False),
-    Column("plan_id", _ID),
+    *_times("occurred_us", required=True),
+    *_ids("plan_id"),
     Column("step_id", _KEY),
 )
 
@@ -174,12 +201,11 @@ rollback_steps = Table(
     "rollback_steps",
     metadata,
     Column("step_id", _KEY, primary_key=True),
-    Column("plan_id", _ID, nullable=False),
-    Column("status", String(20), nullable=False),
+    *_ids("plan_id", required=True),
+    _state("started", "finished"),
     Column("outcome", String(40)),
     Column("record_key", _KEY),
-    Column("started_us", BigInteger),
-    Column("finished_us", BigInteger),
+    *_times("started_us", "finished_us"),
     Column("detail", Text, nullable=False, default=""),
     Index("ix_rollback_steps_plan", "plan_id"),
 )
@@ -188,16 +214,15 @@ tasks = Table(
     "tasks",
     metadata,
     Column("task_id", _KEY, primary_key=True),
-    Column("plan_id", _ID, nullable=False),
-    Column("status", String(20), nullable=False),
-    Column("event_id", _ID),
-    Column("system", _ID),
-    Column("object_id", _KEY),
-    Column("run_id", _ID),
-    Column("tool", _ID, nullable=False),
+    *_ids("plan_id", required=True),
+    _state("open", "done"),
+    *_ids("event_id"),
+    *_target(),
+    *_ids("run_id"),
+    *_ids("tool", required=True),
     Column("reason", Text, nullable=False),
-    Column("created_us", BigInteger, nullable=False),
-    Column("closed_us", BigInteger),
+    *_times("created_us", required=True),
+    *_times("closed_us"),
     Column("freeze", Text, nullable=False, default=""),
     Index("ix_tasks_status", "status"),
 )
