@@ -42,7 +42,8 @@ class Tuning:
     poll_timeout_s: float = 0.05
     """How long one fetch loop iteration waits for records before re-checking flow."""
     max_poll_records: int = 5000
-    """Records per fetch (all partitions); each partition's share is one bulk delivery."""
+    """Records taken from the consumer per poll (all partitions together); each
+    partition's share is one bulk delivery."""
     linger_ms: int = 1
     """How long the producer waits to batch records (adds to latency, saves CPU)."""
     session_timeout_s: float = 6.0
