@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import sqlalchemy as sa
 from backout.infra.broker import Broker
 from backout.infra.cli import main
 from backout.infra.settings import Settings
+from backout.infra.topics import ensure_topics
 from backout.producers import Journal, Reversibility, SqlTableTarget
 from backout.producers.kafka import KafkaEventSink
 from backout.producers.registry import Compensate
@@ -101,12 +106,25 @@ def human(engine: sa.Engine, sql: str) -> None:
         conn.execute(sa.text(sql))
 
 
+def write_targets(path: Path, url: str, *, key: str | None = "id") -> Path:
+    """A ``--targets`` file naming the invoices table at ``url`` as system ``erp``."""
+    text = f'[[targets]]\nsystem = "erp"\nurl = "{url}"\ntable = "invoices"\n'
+    if key is not None:
+        text += f'key = "{key}"\nversion = "version"\n'
+    path.write_text(text)
+    return path
+
+
 @dataclass
 class Story:
     settings: Settings
     engine: sa.Engine
     targets_file: Path
     key_id: str
+
+    def store(self) -> SqlProjectionStore:
+        """The projection the CLI commands of this story write."""
+        return SqlProjectionStore(self.settings.db)
 
 
 def declare(journal: Journal, engine: sa.Engine) -> dict[str, Any]:
@@ -208,11 +226,7 @@ def story(
     key = new_signing_key()
     key_file = tmp_path / "signing.pem"
     key_file.write_bytes(key.private_pem())
-    targets = tmp_path / "targets.toml"
-    targets.write_text(
-        f'[[targets]]\nsystem = "erp"\nurl = "sqlite:///{tmp_path / "erp.db"}"'
-        '\ntable = "invoices"\nkey = "id"\nversion = "version"\n'
-    )
+    targets = write_targets(tmp_path / "targets.toml", f"sqlite:///{tmp_path / 'erp.db'}")
     for name, value in (
         ("BOOTSTRAP", broker.bootstrap),
         ("TOPIC_PREFIX", kafka_settings.topic_prefix),
@@ -243,6 +257,21 @@ def fail_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def apply_argv(story: Story) -> list[str]:
+    """``backout rollback apply`` of the bad run with the story's targets and compensators."""
+    return [
+        "rollback",
+        "apply",
+        "--run",
+        "wf_bad",
+        "--targets",
+        str(story.targets_file),
+        "--compensators",
+        "tests.integration.test_rollback:COMPENSATORS",
+        "--yes",
+    ]
 
 
 def steps_by(plan: dict[str, Any]) -> dict[tuple[str, str | None], dict[str, Any]]:
@@ -283,17 +312,7 @@ def test_plan_shows_every_decision(story: Story, capsys: pytest.CaptureFixture[s
 def test_apply_is_surgical_and_a_second_apply_writes_nothing(
     story: Story, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = [
-        "rollback",
-        "apply",
-        "--run",
-        "wf_bad",
-        "--targets",
-        str(story.targets_file),
-        "--compensators",
-        "tests.integration.test_rollback:COMPENSATORS",
-        "--yes",
-    ]
+    args = apply_argv(story)
     result = run_json(capsys, *args, code=1)  # exit 1: one conflict is left for a person
     summary = result["report"]["summary"]
     assert summary == {
@@ -354,8 +373,7 @@ def test_state_shows_a_record_now_and_in_the_past(
     now = run_json(capsys, "state", "erp", "inv1")
     assert now["fields"]["status"] == "void" and now["exists"]
     assert [w["after"] for w in now["writes"] if w["field"] == "status"] == ["void", "paid", "void"]
-    store = SqlProjectionStore(story.settings.db)
-    second = store.record("erp", "inv1").writes[1]  # type: ignore[union-attr]
+    second = story.store().record("erp", "inv1").writes[1]  # type: ignore[union-attr]
     past = run_json(capsys, "state", "erp", "inv1", "--at", second.occurred_at.isoformat())
     assert past["fields"]["status"] == "paid"
     deleted = run_json(capsys, "state", "erp", "inv3")
@@ -368,11 +386,7 @@ def test_state_shows_a_record_now_and_in_the_past(
 def test_unreachable_target_leaves_steps_pending(
     story: Story, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gone = tmp_path / "gone.toml"
-    gone.write_text(
-        '[[targets]]\nsystem = "erp"\nurl = "sqlite:////nonexistent/dir/erp.db"'
-        '\ntable = "invoices"\n'
-    )
+    gone = write_targets(tmp_path / "gone.toml", "sqlite:////nonexistent/dir/erp.db", key=None)
     before = rows(story.engine)
     result = run_json(
         capsys, "rollback", "apply", "--run", "wf_bad", "--targets", str(gone), "--yes", code=1
@@ -381,7 +395,7 @@ def test_unreachable_target_leaves_steps_pending(
     assert report["pending_systems"] == ["erp"]
     assert report["summary"]["pending"] == 5 and report["summary"]["restored"] == 0
     assert rows(story.engine) == before
-    steps = SqlProjectionStore(story.settings.db).steps(report["plan_id"])
+    steps = story.store().steps(report["plan_id"])
     assert all(s.status == "started" for s in steps.values() if s.outcome is None)
     assert not [s for s in steps.values() if s.outcome in ("applied", "already")]
     assert main(["rollback", "apply", "--run", "wf_bad", "--targets", str(gone), "--yes"]) == 1
@@ -396,8 +410,6 @@ def test_executor_killed_mid_plan_resumes_without_repeating_a_step(
     with Projector(settings, settings.bootstrap or "", store=store) as projector:
         projector.catch_up(timeout=60)
     scope = RollbackScope(run="wf_bad")
-    from datetime import UTC, datetime
-
     plan = plan_rollback(store.load(scope), scope, now=datetime.now(UTC))
     store.engine.dispose()
     target = SqlTableTarget(story.engine, "invoices", key="id", version="version", system="erp")
@@ -412,19 +424,7 @@ def test_executor_killed_mid_plan_resumes_without_repeating_a_step(
     assert os.WEXITSTATUS(status) == 9
     done_before = audit(story.engine)
     assert done_before, "the killed executor wrote nothing: the test proves nothing"
-    result = run_json(
-        capsys,
-        "rollback",
-        "apply",
-        "--run",
-        "wf_bad",
-        "--targets",
-        str(story.targets_file),
-        "--compensators",
-        "tests.integration.test_rollback:COMPENSATORS",
-        "--yes",
-        code=1,
-    )
+    result = run_json(capsys, *apply_argv(story), code=1)
     writes = audit(story.engine)
     assert len(writes) == len(set(writes)), f"a record was written twice: {writes}"
     assert result["report"]["summary"]["failed"] == 0
@@ -472,8 +472,6 @@ def test_bad_input_is_one_clear_line(
     )
     # A log that was never projected (an empty topic): a clear message, exit 1.
     empty = fresh_settings(broker.bootstrap, tmp_path / "empty")
-    from backout.infra.topics import ensure_topics
-
     ensure_topics(empty, broker.bootstrap)
     monkeypatch.setenv("BACKOUT_TOPIC_PREFIX", empty.topic_prefix)
     monkeypatch.setenv("BACKOUT_DB", f"sqlite:///{tmp_path / 'empty.db'}")
@@ -504,11 +502,6 @@ def test_every_command_has_an_example(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_project_runs_as_a_service_until_sigterm(story: Story, tmp_path: Path) -> None:
-    import signal
-    import subprocess
-    import sys
-    import time
-
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     script = Path(sys.executable).parent / "backout"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "backout.infra.cli"]
@@ -521,7 +514,7 @@ def test_project_runs_as_a_service_until_sigterm(story: Story, tmp_path: Path) -
         text=True,
     )
     try:
-        store = SqlProjectionStore(story.settings.db)
+        store = story.store()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
