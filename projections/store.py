@@ -10,33 +10,17 @@ links that undid any of them, the run tree) as a pure :class:`Projection` for pl
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Engine,
-    Table,
-    and_,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    true,
-)
-from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy import ColumnElement, Connection, Engine, Table, and_, func, select, true
+from sqlalchemy.exc import IntegrityError
 
 from backout.projections import tables as t
+from backout.projections.batch import BatchWriter
 from backout.projections.fold import (
-    LABEL_STEP,
     Checkpoint,
     CompensationLink,
     Projection,
@@ -45,20 +29,9 @@ from backout.projections.fold import (
     RunState,
     StepState,
     Task,
-    advance_record,
-    advance_step,
-    advance_task,
-    changes_record,
-    checkpoint_of,
-    fold_run,
-    links_of,
-    task_key,
 )
 from backout.projections.rows import (
     INFO_COLUMNS,
-    JOURNAL_COLUMNS,
-    STATE_COLUMNS,
-    WRITE_COLUMNS,
     WRITE_SELECT,
     InfoDecoder,
     Positioned,
@@ -66,33 +39,20 @@ from backout.projections.rows import (
     histories,
     journal_row,
     link_from_row,
-    link_row,
     run_from_row,
-    run_row,
-    state_from_row,
-    state_row,
     step_from_row,
-    step_row,
     task_from_row,
-    task_row,
     to_us,
-    write_row,
 )
+from backout.projections.sql import BulkSql, chunks, make_engine, paused_gc, sql_errors
 from backout.rollback.scope import RollbackScope
 from backout.schemas.errors import ProjectionError
-from backout.schemas.events import ActionEvent, EventKind
+from backout.schemas.events import EventKind
 
 __all__ = ["ApplyResult", "Positioned", "SqlProjectionStore", "from_us", "paused_gc", "to_us"]
 
-_CHUNK = 500
-_CHECKPOINT = EventKind.CHECKPOINT
 _STATE_CACHE = 500_000
 """Record states a store keeps in memory between batches, at most."""
-
-
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
 
 
 @dataclass(frozen=True)
@@ -113,9 +73,9 @@ class SqlProjectionStore:
     """
 
     def __init__(self, engine: Engine | str, *, consumer: str = "projector") -> None:
-        self.engine = _engine(engine) if isinstance(engine, str) else engine
+        self.engine = make_engine(engine) if isinstance(engine, str) else engine
         self.consumer = consumer
-        self._sql = _Sql(self.engine.dialect)
+        self._sql = BulkSql(self.engine.dialect)
         self._states: dict[str, tuple[RecordState, str]] = {}
         """Record states as last committed by this store, by record key."""
 
@@ -125,13 +85,13 @@ class SqlProjectionStore:
     # --- schema -----------------------------------------------------------------------------
     def create(self) -> None:
         """Create missing tables (idempotent)."""
-        with _errors("create the projection tables"):
+        with sql_errors("create the projection tables"):
             t.metadata.create_all(self.engine)
 
     def drop(self) -> None:
         """Drop every projection table (``--rebuild``)."""
         self._states.clear()
-        with _errors("drop the projection tables"):
+        with sql_errors("drop the projection tables"):
             t.metadata.drop_all(self.engine)
 
     def reset(self) -> None:
@@ -145,7 +105,7 @@ class SqlProjectionStore:
         query = select(t.positions.c.partition, t.positions.c.offset).where(
             t.positions.c.consumer == self.consumer, t.positions.c.topic == topic
         )
-        with _errors("read positions"), self.engine.connect() as conn:
+        with sql_errors("read positions"), self.engine.connect() as conn:
             return {int(p): int(o) for p, o in conn.execute(query)}
 
     def apply(
@@ -187,11 +147,11 @@ class SqlProjectionStore:
         prepared: Mapping[str, tuple[Any, ...]],
         marks: Mapping[tuple[str, int], int],
     ) -> tuple[list[Positioned], dict[str, tuple[RecordState, str]]]:
-        with _errors("apply a batch to the projection"), self.engine.begin() as conn:
+        with sql_errors("apply a batch to the projection"), self.engine.begin() as conn:
             # This projector owns the batch's partitions: the records and event ids it
             # reads belong to it alone, so it folds them before taking the write lock.
             fresh = self._fresh(conn, batch)
-            work = _Batch(conn, self._sql, self._states)
+            work = BatchWriter(conn, self._sql, self._states)
             work.records(fresh)
             if self.engine.dialect.name == "sqlite":
                 # Runs, steps and tasks are shared by every partition: read them under the
@@ -216,7 +176,7 @@ class SqlProjectionStore:
     def _fresh(self, conn: Connection, batch: Sequence[Positioned]) -> list[Positioned]:
         ids = list(dict.fromkeys(p.event.event_id for p in batch))
         known: set[str] = set()
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             known.update(
                 conn.scalars(select(t.journal.c.event_id).where(t.journal.c.event_id.in_(chunk)))
             )
@@ -232,7 +192,7 @@ class SqlProjectionStore:
     def load(self, scope: RollbackScope) -> Projection:
         """The part of the projection a scope needs: its events, the full histories of the
         records they touched, the events that undid any of them and the run tree."""
-        with _errors("load the projection"), paused_gc(), self.engine.connect() as conn:
+        with sql_errors("load the projection"), paused_gc(), self.engine.connect() as conn:
             run_ids = self._run_tree(conn, scope) if scope.run else None
             condition = _scope_filter(scope, run_ids)
             touched = (
@@ -251,7 +211,7 @@ class SqlProjectionStore:
                 )
             )
             missing = sorted({r.inverse_event_id for r in link_rows} - rows.keys())
-            for chunk in _chunks(missing):
+            for chunk in chunks(missing):
                 for row in conn.execute(info.where(t.journal.c.event_id.in_(chunk))):
                     rows[row[0]] = row
             records = histories(
@@ -278,7 +238,7 @@ class SqlProjectionStore:
         found, frontier = {scope.run}, [scope.run]
         while frontier and scope.include_child_runs:
             children: set[str] = set()
-            for chunk in _chunks(frontier):
+            for chunk in chunks(frontier):
                 children.update(
                     conn.scalars(select(t.runs.c.run_id).where(t.runs.c.parent_run_id.in_(chunk)))
                 )
@@ -289,7 +249,7 @@ class SqlProjectionStore:
     def _runs(self, conn: Connection, run_ids: Sequence[str]) -> dict[str, RunState]:
         points: dict[str, list[Checkpoint]] = {}
         out: dict[str, RunState] = {}
-        for chunk in _chunks(run_ids):
+        for chunk in chunks(run_ids):
             for row in conn.execute(
                 select(t.checkpoints)
                 .where(t.checkpoints.c.run_id.in_(chunk))
@@ -306,7 +266,7 @@ class SqlProjectionStore:
     def record(self, system: str, object_id: str) -> RecordHistory | None:
         """One record's current state and full write history, or None if never seen."""
         key = f"{system}/{object_id}"
-        with _errors("read a record"), self.engine.connect() as conn:
+        with sql_errors("read a record"), self.engine.connect() as conn:
             found = histories(
                 conn.execute(select(t.record_state).where(t.record_state.c.record_key == key)),
                 conn.execute(
@@ -324,7 +284,7 @@ class SqlProjectionStore:
         query = select(t.journal.c.payload).where(t.journal.c.record_key == f"{system}/{object_id}")
         if until is not None:
             query = query.where(t.journal.c.occurred_us <= to_us(until))
-        with _errors("read a record's events"), self.engine.connect() as conn:
+        with sql_errors("read a record's events"), self.engine.connect() as conn:
             return [bytes(p) for p in conn.scalars(query.order_by(t.journal.c.seq))]
 
     def steps(self, plan_id: str | None = None) -> dict[str, StepState]:
@@ -332,7 +292,7 @@ class SqlProjectionStore:
         query = select(t.rollback_steps)
         if plan_id is not None:
             query = query.where(t.rollback_steps.c.plan_id == plan_id)
-        with _errors("read rollback steps"), self.engine.connect() as conn:
+        with sql_errors("read rollback steps"), self.engine.connect() as conn:
             return {row.step_id: step_from_row(row) for row in conn.execute(query)}
 
     def tasks(self, *, status: str | None = "open") -> list[Task]:
@@ -340,12 +300,12 @@ class SqlProjectionStore:
         query = select(t.tasks).order_by(t.tasks.c.created_us, t.tasks.c.task_id)
         if status is not None:
             query = query.where(t.tasks.c.status == status)
-        with _errors("read tasks"), self.engine.connect() as conn:
+        with sql_errors("read tasks"), self.engine.connect() as conn:
             return [task_from_row(row) for row in conn.execute(query)]
 
     def counts(self) -> dict[str, int]:
         """Rows per table (events, records, field writes, runs, open tasks)."""
-        with _errors("count the projection"), self.engine.connect() as conn:
+        with sql_errors("count the projection"), self.engine.connect() as conn:
 
             def count(table: Table, where: ColumnElement[bool] | None = None) -> int:
                 query = select(func.count()).select_from(table)
@@ -361,136 +321,11 @@ class SqlProjectionStore:
 
     def known_run(self, run_id: str) -> bool:
         """True when the journal has any event of ``run_id``."""
-        with _errors("look up a run"), self.engine.connect() as conn:
+        with sql_errors("look up a run"), self.engine.connect() as conn:
             return (
                 conn.scalar(select(t.journal.c.seq).where(t.journal.c.run_id == run_id).limit(1))
                 is not None
             )
-
-
-# --- writing one batch -------------------------------------------------------------------------
-class _Batch:
-    """The rows one batch adds or changes, computed with the pure fold steps.
-
-    ``records`` folds the records (their rows belong to this projector's partitions, so no
-    lock is needed); ``shared`` folds runs, steps and tasks, which events from every
-    partition touch, and writes everything; call it holding the write lock.
-    """
-
-    def __init__(
-        self, conn: Connection, sql: _Sql, cached: Mapping[str, tuple[RecordState, str]]
-    ) -> None:
-        self.conn = conn
-        self.sql = sql
-        self.cached = cached
-        self.fresh: list[Positioned] = []
-        self.states: dict[str, tuple[RecordState, str]] = {}
-        self.dirty: set[str] = set()
-        self.write_rows: list[tuple[Any, ...]] = []
-        self.state_rows: list[tuple[Any, ...]] = []
-
-    def upsert(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            columns = tuple(rows[0])
-            self.sql.upsert(conn, table, columns, [tuple(r[c] for c in columns) for r in rows])
-
-    def records(self, fresh: list[Positioned]) -> None:
-        """Fold the batch into its records' states and field writes (no writes yet)."""
-        self.fresh = fresh
-        changes = []
-        for item in fresh:
-            e = item.event
-            target = e.target
-            if target is not None and changes_record(e):
-                changes.append((f"{target.system}/{target.object_id}", e))
-        states = self.states = self._states(sorted({key for key, _ in changes}))
-        rows = self.write_rows
-        for key, e in changes:
-            known = states.get(key)
-            change = advance_record(known[0] if known is not None else None, e)
-            opaque = known[1] if known is not None else ""
-            if change.opaque:
-                opaque = f"{opaque} {e.event_id}".strip()
-            states[key] = (change.state, opaque)
-            rows += [write_row(key, w) for w in change.writes]
-        self.dirty.update(key for key, _ in changes)
-        self.state_rows = [state_row(*states[k]) for k in sorted(self.dirty)]
-
-    def shared(self, prepared: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[RecordState, str]]:
-        """Fold runs, steps and tasks and write every row; returns the changed record states."""
-        conn = self.conn
-        events = [p.event for p in self.fresh]
-        by_run: dict[str, list[ActionEvent]] = {}
-        for e in events:
-            by_run.setdefault(e.run_id, []).append(e)
-        run_ids = sorted(by_run)
-        runs = _load(conn, t.runs, t.runs.c.run_id, run_ids, lambda r: run_from_row(r, ()))
-        for run_id, mine in by_run.items():
-            runs[run_id] = fold_run(runs.get(run_id), mine)
-        # Most events are plain tool calls: only labelled, compensating and checkpoint
-        # events can touch steps, tasks, links or checkpoints.
-        special = [
-            e for e in events if e.labels or e.compensates is not None or e.kind is _CHECKPOINT
-        ]
-        step_ids = sorted({s for e in special if (s := e.labels.get(LABEL_STEP))})
-        steps = _load(conn, t.rollback_steps, t.rollback_steps.c.step_id, step_ids, step_from_row)
-        task_ids = sorted({k for e in special if (k := task_key(e))})
-        tasks = _load(conn, t.tasks, t.tasks.c.task_id, task_ids, task_from_row)
-        point_rows, link_rows = [], []
-        dirty_steps, dirty_tasks = set(), set()
-        for e in special:
-            point = checkpoint_of(e)
-            if point is not None:
-                point_rows.append(
-                    {
-                        "run_id": point.run_id,
-                        "event_id": point.event_id,
-                        "name": point.name,
-                        "occurred_us": to_us(point.occurred_at),
-                    }
-                )
-            link_rows += [link_row(link) for link in links_of(e)]
-            step_id = e.labels.get(LABEL_STEP)
-            step = advance_step(steps.get(step_id), e) if step_id else None
-            if step_id and step is not None:
-                steps[step_id] = step
-                dirty_steps.add(step_id)
-            task_id = task_key(e)
-            task = advance_task(tasks.get(task_id), e) if task_id else None
-            if task_id and task is not None:
-                tasks[task_id] = task
-                dirty_tasks.add(task_id)
-        self.sql.insert(conn, t.journal, JOURNAL_COLUMNS, [prepared[e.event_id] for e in events])
-        self.sql.insert(conn, t.field_writes, WRITE_COLUMNS, self.write_rows)
-        self.sql.upsert(conn, t.record_state, STATE_COLUMNS, self.state_rows)
-        self.upsert(conn, t.runs, [run_row(runs[r]) for r in run_ids])
-        self.upsert(conn, t.checkpoints, point_rows)
-        self.upsert(conn, t.compensations, link_rows)
-        self.upsert(conn, t.rollback_steps, [step_row(steps[s]) for s in sorted(dirty_steps)])
-        self.upsert(conn, t.tasks, [task_row(tasks[k]) for k in sorted(dirty_tasks)])
-        return {k: self.states[k] for k in self.dirty}
-
-    def _states(self, keys: Sequence[str]) -> dict[str, tuple[RecordState, str]]:
-        out = {k: self.cached[k] for k in keys if k in self.cached}
-        missing = [k for k in keys if k not in out]
-        for chunk in _chunks(missing):
-            for row in self.conn.execute(
-                select(t.record_state).where(t.record_state.c.record_key.in_(chunk))
-            ):
-                out[row.record_key] = (state_from_row(row), row.opaque or "")
-        return out
-
-
-def _load(
-    conn: Connection, table: Table, column: Any, ids: Sequence[str], build: Callable[[Any], Any]
-) -> dict[str, Any]:
-    """Rows by id, locked for this transaction where the database can (``FOR UPDATE``;
-    ids are sorted, so concurrent projector processes lock in the same order)."""
-    out: dict[str, Any] = {}
-    for chunk in _chunks(sorted(ids)):
-        for row in conn.execute(select(table).where(column.in_(chunk)).with_for_update()):
-            out[getattr(row, column.name)] = build(row)
-    return out
 
 
 def _scope_filter(scope: RollbackScope, run_ids: set[str] | None) -> ColumnElement[bool]:
@@ -512,111 +347,3 @@ def _scope_filter(scope: RollbackScope, run_ids: set[str] | None) -> ColumnEleme
     if scope.event_ids:
         clauses.append(j.event_id.in_(sorted(set(scope.event_ids))))
     return and_(true(), *clauses)
-
-
-# --- engines and dialects ----------------------------------------------------------------------
-def _engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        # Several projector processes may share a file: wait for the write lock.
-        engine = create_engine(url, connect_args={"timeout": 60})
-    else:
-        engine = create_engine(url)
-    if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    return engine
-
-
-class _Sql:
-    """Many-row inserts and upserts, each one pre-rendered statement run with executemany.
-
-    SQLite and PostgreSQL get hand-rendered ``INSERT ... ON CONFLICT DO UPDATE`` run on the
-    driver directly (tuples in, no per-row SQLAlchemy processing: the projection's hot
-    path); other dialects go through SQLAlchemy Core (upsert as delete + insert).
-    """
-
-    def __init__(self, dialect: Dialect) -> None:
-        self.dialect = dialect
-        self.mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
-        self.fast = dialect.name in ("sqlite", "postgresql") and self.mark is not None
-        self._sql: dict[tuple[str, str, tuple[str, ...]], str] = {}
-
-    def insert(
-        self, conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
-    ) -> None:
-        if not rows:
-            return
-        if not self.fast:
-            conn.execute(insert(table), [dict(zip(columns, r, strict=True)) for r in rows])
-            return
-        conn.exec_driver_sql(self._render("insert", table, columns), rows)
-
-    def upsert(
-        self, conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
-    ) -> None:
-        if not rows:
-            return
-        if not self.fast:
-            keys = list(table.primary_key.columns)
-            for row in rows:
-                values = dict(zip(columns, row, strict=True))
-                conn.execute(delete(table).where(and_(*(c == values[c.name] for c in keys))))
-            conn.execute(insert(table), [dict(zip(columns, r, strict=True)) for r in rows])
-            return
-        conn.exec_driver_sql(self._render("upsert", table, columns), rows)
-
-    def _render(self, kind: str, table: Table, columns: tuple[str, ...]) -> str:
-        cache_key = (kind, table.name, columns)
-        found = self._sql.get(cache_key)
-        if found is not None:
-            return found
-        quote = self.dialect.identifier_preparer.quote
-        names = ", ".join(quote(c) for c in columns)
-        marks = ", ".join(self.mark or "?" for _ in columns)
-        sql = f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks})"
-        if kind == "upsert":
-            keys = [c.name for c in table.primary_key.columns]
-            updates = ", ".join(
-                f"{quote(c)} = excluded.{quote(c)}" for c in columns if c not in keys
-            )
-            sql += f" ON CONFLICT ({', '.join(quote(k) for k in keys)}) DO UPDATE SET {updates}"
-        self._sql[cache_key] = sql
-        return sql
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause Python's cyclic collector for a bulk job (a load, a batch): such jobs build
-    many small objects next to a large heap, and the collector would scan that heap again
-    and again for nothing. It runs again when the job is done."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-class _errors:
-    """Turn database failures into ProjectionError with what we were doing."""
-
-    def __init__(self, doing: str) -> None:
-        self.doing = doing
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if isinstance(exc, OperationalError):
-            raise ProjectionError(f"cannot {self.doing}: {exc.orig}") from exc
-        if isinstance(exc, SQLAlchemyError):
-            raise ProjectionError(f"cannot {self.doing}: {exc}") from exc

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backout.projections import store as store_module
+from backout.projections import batch as batch_module
 from backout.projections.fold import (
     LABEL_OUTCOME,
     LABEL_PLAN,
@@ -53,19 +53,19 @@ def test_views_and_positions_commit_together(
     store: SqlProjectionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = incident()
-    real = store_module.run_row
+    real = batch_module.run_row
 
     def broken(run: Any) -> Any:
         # Fails after the journal, field_writes and record_state rows were written.
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(store_module, "run_row", broken)
+    monkeypatch.setattr(batch_module, "run_row", broken)
     with pytest.raises(RuntimeError):
         store.apply(positioned(log.events))
     counts = store.counts()
     assert (counts["events"], counts["field_writes"], counts["records"]) == (0, 0, 0)
     assert store.positions(TOPIC) == {}
-    monkeypatch.setattr(store_module, "run_row", real)
+    monkeypatch.setattr(batch_module, "run_row", real)
     result = store.apply(positioned(log.events))
     assert result.applied == len(log.events) and store.positions(TOPIC) == {0: 3}
     assert store.record("erp", "i1") == fold(log.events).records["erp/i1"]
