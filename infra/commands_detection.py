@@ -28,7 +28,8 @@ from backout.infra.clikit import (
 )
 from backout.infra.settings import Settings
 from backout.processors.policy import Policy, load_policy, parse_policy
-from backout.processors.replay import ReplayResult, read_container, read_topic, replay
+from backout.processors.replay import ReplayResult, read_topic, replay
+from backout.processors.replay_file import replay_file
 from backout.producers.targets import Target
 from backout.schemas.errors import ConfigError
 from backout.schemas.signing import SigningKey, load_signing_key
@@ -267,6 +268,14 @@ def detect(
             "--until", help="Topic replay: up to this time (default: the topic's end now)."
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="File replay: processes to share the agents over (default: every core).",
+        ),
+    ] = None,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Replay recorded actions through the detectors and print the findings and the freezes
@@ -282,7 +291,7 @@ def detect(
         if path.is_file():
             if since or until:
                 raise ConfigError("--since/--until apply to a topic, not to a file")
-            result = replay(read_container(path), chosen)
+            result = replay_file(path, chosen, workers=workers)
         elif path.suffix == ".avro" or "/" in replay_from:
             raise ConfigError(f"no file {replay_from!r}")
         else:

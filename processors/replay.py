@@ -108,6 +108,19 @@ def _command_json(
     }
 
 
+@dataclass
+class FoldedShare:
+    """What folding some events found, keyed by each event's index in the whole stream
+    (so shares folded apart, one per set of agents, merge into one ordered result)."""
+
+    events: int = 0
+    sampled: int = 0
+    fired: list[tuple[int, int, Finding]] = field(default_factory=list)
+    """(event index, order found, finding)."""
+    issued: list[tuple[int, int, ControlCommand, Finding]] = field(default_factory=list)
+    """(event index, order issued, command, the finding that caused it)."""
+
+
 def replay(
     events: Iterable[tuple[ActionEvent, EventRef]],
     policy: Policy,
@@ -120,15 +133,26 @@ def replay(
     on their own, in chunks; findings and commands come back in the order of the events
     that fired them, as if folded one by one.
     """
+    indexed = ((i, event, ref) for i, (event, ref) in enumerate(events))
+    return merge_shares([fold_share(indexed, policy)], undecodable=undecodable)
+
+
+def fold_share(
+    events: Iterable[tuple[int, ActionEvent, EventRef]], policy: Policy
+) -> FoldedShare:
+    """Fold ``(index, event, ref)`` items, in index order, through the detectors.
+
+    ``events`` may hold only some agents of a stream (every event of each of them): an
+    agent's detectors see nothing of other agents.
+    """
     engine = Engine(policy)
     share = policy.supervisor.share
-    result = ReplayResult(undecodable=list(undecodable))
+    folded = FoldedShare()
+    fired, issued = folded.fired, folded.issued
     agents: dict[str, ScopeState] = {}
     runs: dict[tuple[str, str], ScopeState] = {}
     chunks: dict[str, list[tuple[ActionEvent, EventRef]]] = {}
     indexes: dict[str, list[int]] = {}
-    fired: list[tuple[int, int, Finding]] = []
-    issued: list[tuple[int, int, ControlCommand, Finding]] = []
 
     def flush(agent_id: str) -> None:
         chunk, where = chunks.pop(agent_id), indexes.pop(agent_id)
@@ -141,6 +165,8 @@ def replay(
             runs[(agent_id, run_id)] = state
         for run_id in step.expired_runs:
             runs.pop((agent_id, run_id), None)
+        if not (step.findings or step.commands):
+            return
         at = {e.event_id: i for (e, _), i in zip(chunk, where, strict=True)}
         for finding in step.findings:
             fired.append((at[finding.trigger.event_id], len(fired), finding))
@@ -148,20 +174,36 @@ def replay(
             issued.append((at[finding.trigger.event_id], len(issued), command, finding))
 
     count = 0
-    for event, ref in events:
+    for index, event, ref in events:
         chunk = chunks.setdefault(event.agent_id, [])
         chunk.append((event, ref))
-        indexes.setdefault(event.agent_id, []).append(count)
+        indexes.setdefault(event.agent_id, []).append(index)
         count += 1
         if share > 0 and samplable(event) and sampled(event.event_id, share):
-            result.sampled += 1
+            folded.sampled += 1
         if len(chunk) >= _CHUNK:
             flush(event.agent_id)
     for agent_id in list(chunks):
         flush(agent_id)
+    folded.events = count
+    return folded
+
+
+def merge_shares(
+    shares: Iterable[FoldedShare], *, undecodable: Sequence[Undecodable] = ()
+) -> ReplayResult:
+    """One result from shares folded apart: findings and commands in event order."""
+    result = ReplayResult(undecodable=list(undecodable))
+    fired: list[tuple[int, int, Finding]] = []
+    issued: list[tuple[int, int, ControlCommand, Finding]] = []
+    for share in shares:
+        result.events += share.events
+        result.sampled += share.sampled
+        fired += share.fired
+        issued += share.issued
+    # an event belongs to one share, so (index, order within its share) is a total order
     fired.sort(key=lambda item: (item[0], item[1]))
     issued.sort(key=lambda item: (item[0], item[1]))
-    result.events = count
     result.findings = [f for _, _, f in fired]
     result.commands = [(c, f) for _, _, c, f in issued]
     result.position = {f.trigger.event_id: i for i, _, f in fired}

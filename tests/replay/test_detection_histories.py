@@ -20,6 +20,7 @@ import pytest
 from backout.infra.cli import main
 from backout.processors.policy import load_policy
 from backout.processors.replay import read_container, replay, write_container
+from backout.processors.replay_file import replay_file
 from backout.processors.rules import EventRef
 from backout.schemas.events import ActionEvent
 
@@ -92,3 +93,31 @@ def test_the_histories_cover_every_detector_and_response() -> None:
         "blast_radius",
     }
     assert modes >= {"halt", "read_only", "quarantine_identity"}
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("case", CASES)
+def test_a_replay_shared_over_processes_gives_the_recorded_findings(
+    case: str, workers: int, tmp_path: Path
+) -> None:
+    recording = tmp_path / "history.avro"
+    write_container(recording, _history(case), block_records=64)
+    policy = load_policy(HERE / case / "policy.yaml")
+    shared = replay_file(recording, policy, workers=workers, min_bytes=0)
+    expected = json.loads((HERE / case / "expected.json").read_text())
+    assert json.loads(json.dumps(shared.to_json())) == expected
+
+
+def test_backout_detect_shares_a_file_over_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKOUT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr("backout.processors.replay_file.PARALLEL_MIN_BYTES", 0)
+    case = "burst_and_uncertainty"
+    recording = tmp_path / "history.avro"
+    write_container(recording, _history(case))
+    policy = str(HERE / case / "policy.yaml")
+    argv = ["detect", "--replay", str(recording), "--policy", policy, "--workers", "2", "--json"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((HERE / case / "expected.json").read_text())
