@@ -21,6 +21,7 @@ from backout.projections.fold import (
     changes_record,
     evolve,
     fold,
+    fold_run,
     links_of,
     same,
 )
@@ -236,9 +237,17 @@ def test_rollback_steps_and_tasks_fold_from_step_events() -> None:
         (None, ABSENT, False),
         (ABSENT, ABSENT, True),
         ("a", "a", True),
+        ("a", "b", False),
+        (2, 3, False),
+        ("1", 1, False),
         ([1], [1], True),
         (False, 0, False),
     ],
 )
 def test_same_keeps_bools_and_absence_apart(a: object, b: object, expected: bool) -> None:
     assert same(a, b) is expected  # type: ignore[arg-type]
+
+
+def test_fold_run_needs_a_run_or_an_event() -> None:
+    with pytest.raises(ValueError, match="needs a run or at least one event"):
+        fold_run(None, [])
