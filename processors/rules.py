@@ -122,10 +122,35 @@ RETRY_REFS = 10
 _RANK = {s: i for i, s in enumerate(Severity)}
 _READ_ONLY = Reversibility.READ_ONLY
 _TOOL_CALL = EventKind.TOOL_CALL
+_WRITTEN = frozenset({CallStatus.SUCCEEDED, CallStatus.UNKNOWN, CallStatus.PENDING})
 _FIRED_KEEP = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_PARTIAL = frozenset({"", "0", "false", "no"})
 _STATE_VERSION = 1
+
+
+def _json_encoder() -> Callable[[object], str]:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"))``, for acyclic values,
+    without building an encoder per call (4x faster on small maps; the same text)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+    if make is None:  # no C accelerator: the pure encoder, built once
+        return encoder.encode
+    chunks = make(
+        None,  # no circular check: event arguments are decoded trees
+        encoder.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        True,
+    )
+    return lambda value: "".join(chunks(value, 0))
+
+
+_canonical_json = _json_encoder()
 
 
 # --- values -----------------------------------------------------------------------------
@@ -251,11 +276,11 @@ class Limits:
     )
     track_cap: int = 10_000
     """Most distinct items a scope tracks per metric (enough to see the critical ratio)."""
+    bucket_us: int = field(init=False, compare=False, repr=False)
+    """Width of one window bucket (derived from ``window_us``)."""
 
-    @property
-    def bucket_us(self) -> int:
-        """Width of one window bucket."""
-        return max(1, self.window_us // WINDOW_BUCKETS)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bucket_us", max(1, self.window_us // WINDOW_BUCKETS))
 
 
 # --- state ------------------------------------------------------------------------------
@@ -370,22 +395,31 @@ class Detection:
 
 
 class _Facts:
-    """What the windowed detectors read from one event, computed once."""
+    """What the windowed detectors read from one tool call, computed once."""
 
-    __slots__ = ("event", "record", "ref", "ref_list", "system", "t", "tenant", "value", "write")
+    __slots__ = ("event", "recent", "record", "ref", "ref_list", "system", "t", "tenant", "value",
+                 "write")
 
     def __init__(self, event: ActionEvent, ref: EventRef, t: int) -> None:
         self.event = event
         self.ref = ref
-        self.ref_list = ref.to_list()
+        self.ref_list: list[object] = [ref.event_id, ref.topic, ref.partition, ref.offset]
+        self.recent: list[object] = [*self.ref_list, t]
+        """The entry for ``ScopeState.recent`` (shared by the agent's and the run's: never
+        changed once built)."""
         self.t = t
         self.tenant = event.tenant
-        self.write = event.is_write
+        # ActionEvent.is_write for a tool call, without the property's call
+        self.write = event.reversibility is not _READ_ONLY and event.status in _WRITTEN
         target = event.target
-        self.system = target.system if target is not None else None
-        record = f"{target.system}/{target.object_id}" if target is not None else None
-        self.record = digest(record) if record is not None and len(record) > 40 else record
-        self.value = abs(event.value) if event.value is not None else 0.0
+        if target is None:
+            self.system = self.record = None
+        else:
+            self.system = target.system
+            record = f"{target.system}/{target.object_id}"
+            self.record = digest(record) if len(record) > 40 else record
+        value = event.value
+        self.value = abs(value) if value is not None else 0.0
 
 
 LimitsFor: TypeAlias = Callable[[ActionEvent], Limits]
@@ -439,8 +473,7 @@ def detect(
                     findings.extend(found)
                 if agent_subject is None:
                     agent_subject = ("agent", event.agent_id)
-                if agent_subject is not None:
-                    _observe(agent, agent_subject, limits.agent, facts, limits, findings)
+                _observe(agent, agent_subject, limits.agent, facts, limits, findings)
             agent_runs.pop(run_id, None)
             agent_runs[run_id] = t
             if t > agent.last_us:
@@ -622,7 +655,7 @@ def _observe(
     if t > state.last_us:
         state.last_us = t
     recent = state.recent
-    recent.append([*facts.ref_list, t])
+    recent.append(facts.recent)
     if len(recent) > 2 * RECENT_REFS:
         del recent[:-RECENT_REFS]
     window = limits.window_us
@@ -658,58 +691,32 @@ def _observe(
             )
     if not write:
         return
-    cap = limits.track_cap
-    if lim.records is not None and facts.record is not None:
-        count = _distinct_add(_owned(state, "records"), facts.record, t, window, lim.records, cap)
-        if count > lim.records:
+    for metric, detector, item, limit in (
+        ("records", "mutation_volume", facts.record, lim.records),
+        ("tenants", "blast_radius", facts.tenant, lim.tenants),
+        ("systems", "blast_radius", facts.system, lim.systems),
+    ):
+        if limit is None or item is None:
+            continue
+        seen = state.distinct[metric] if metric in state.mine else _owned(state, metric)
+        count = _distinct_add(seen, item, t, window, limit, limits.track_cap)
+        if count > limit:
             _fire(
                 state,
-                "mutation_volume",
-                "records",
+                cast(DetectorName, detector),
+                metric,
                 subject,
                 count,
-                lim.records,
+                limit,
                 facts,
                 limits,
-                f"{count} distinct records written in {_secs(window)}",
-                out,
-            )
-    if lim.tenants is not None and facts.tenant is not None:
-        count = _distinct_add(_owned(state, "tenants"), facts.tenant, t, window, lim.tenants, cap)
-        if count > lim.tenants:
-            _fire(
-                state,
-                "blast_radius",
-                "tenants",
-                subject,
-                count,
-                lim.tenants,
-                facts,
-                limits,
-                f"{count} distinct tenants written in {_secs(window)}",
-                out,
-            )
-    if lim.systems is not None and facts.system is not None:
-        count = _distinct_add(_owned(state, "systems"), facts.system, t, window, lim.systems, cap)
-        if count > lim.systems:
-            _fire(
-                state,
-                "blast_radius",
-                "systems",
-                subject,
-                count,
-                lim.systems,
-                facts,
-                limits,
-                f"{count} distinct systems written in {_secs(window)}",
+                f"{count} distinct {metric} written in {_secs(window)}",
                 out,
             )
 
 
 def _owned(state: ScopeState, metric: str) -> dict[str, int]:
     """The state's item map for ``metric``, copied on its first change by this copy."""
-    if metric in state.mine:
-        return state.distinct[metric]
     seen = state.distinct.get(metric)
     seen = state.distinct[metric] = dict(seen) if seen is not None else {}
     state.mine.add(metric)
@@ -727,7 +734,7 @@ def _retry(
     event, t = facts.event, facts.t
     args = event.approved_args if event.approved_args is not None else event.requested_args
     target = facts.record or ""
-    call = f"{event.tool}|{target}|" + json.dumps(args, sort_keys=True, separators=(",", ":"))
+    call = f"{event.tool}|{target}|" + _canonical_json(args)
     # 64 bits of two C checksums: stable across processes, far cheaper than a digest,
     # and a run tracks at most RETRY_FINGERPRINTS calls, so a collision is negligible
     data = call.encode()

@@ -1,4 +1,4 @@
-"""Bytes <-> backout records with fastavro. Pure: no I/O.
+"""Bytes <-> backout records. Pure: no I/O.
 
 Records are written in Avro single-object encoding by default: ``0xC3 0x01``, the
 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's parsing canonical
@@ -8,8 +8,8 @@ old schema, and the body is resolved into the current one.
 
 Bodies are written and read by the specialised code in ``avro_fast.py`` (several times
 faster than generic fastavro on our union-heavy records); fastavro reads older writer
-schemas, resolving them into the current one. Confluent Schema Registry framing
-(``0x00`` + 4-byte schema id) lives in ``registry.py``.
+schemas, resolving them into the current one (through the datums of ``datum.py``).
+Confluent Schema Registry framing (``0x00`` + 4-byte schema id) lives in ``registry.py``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from enum import StrEnum
 from functools import cache
 from importlib import resources
 from io import BytesIO
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from fastavro import parse_schema, schemaless_reader
 from fastavro.schema import to_parsing_canonical_form
-from pydantic import BaseModel, JsonValue
+from pydantic import BaseModel
 
 from backout.schemas.avro_fast import (
     READ_ERRORS,
@@ -34,6 +34,14 @@ from backout.schemas.avro_fast import (
     Binding,
     CompiledRecord,
     read_error,
+)
+from backout.schemas.datum import (
+    FROM_DATUM,
+    RecordT,
+    from_avro_json,
+    from_datum,
+    to_avro_json,
+    to_datum,
 )
 from backout.schemas.errors import DecodeError, SchemaError
 from backout.schemas.events import (
@@ -76,9 +84,7 @@ __all__ = [
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 _HEADER_LEN = 10
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-RecordT = TypeVar("RecordT", ActionEvent, ControlCommand, Signal)
 RECORD_TYPES: tuple[type[BaseModel], ...] = (ActionEvent, ControlCommand, Signal)
 
 
@@ -157,145 +163,6 @@ def current_schema(record_type: type[BaseModel]) -> WriterSchema:
     raise SchemaError(f"no schema for {record_type.__name__!r}")
 
 
-# --- model <-> Avro datum ---------------------------------------------------------------
-def to_avro_json(value: JsonValue) -> object:
-    """A JSON value as the Avro JsonValue union: scalars native, the rest as JsonText."""
-    if value is None or isinstance(value, bool | str | float):
-        return value
-    if isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
-        return value
-    return {"json": json.dumps(value, sort_keys=True, separators=(",", ":"))}
-
-
-def from_avro_json(value: object) -> JsonValue:
-    """Inverse of :func:`to_avro_json`."""
-    if type(value) is dict:
-        return cast(JsonValue, json.loads(value["json"]))
-    return cast(JsonValue, value)
-
-
-def _map_out(values: dict[str, JsonValue]) -> dict[str, object]:
-    return {k: to_avro_json(v) for k, v in values.items()}
-
-
-def _map_in(values: dict[str, object]) -> dict[str, JsonValue]:
-    return {k: from_avro_json(v) for k, v in values.items()}
-
-
-def _image_out(image: RecordImage | None) -> dict[str, object] | None:
-    if image is None:
-        return None
-    return {
-        "exists": image.exists,
-        "fields": _map_out(image.fields),
-        "version": to_avro_json(image.version),
-    }
-
-
-def _image_in(datum: dict[str, Any] | None) -> RecordImage | None:
-    if datum is None:
-        return None
-    return RecordImage.model_construct(
-        exists=datum["exists"],
-        fields=_map_in(datum["fields"]),
-        version=from_avro_json(datum["version"]),
-    )
-
-
-def _action_out(event: ActionEvent) -> dict[str, object]:
-    datum = dict(event.__dict__)
-    datum["requested_args"] = _map_out(event.requested_args)
-    if event.approved_args is not None:
-        datum["approved_args"] = _map_out(event.approved_args)
-    if event.target is not None:
-        datum["target"] = event.target.__dict__
-    datum["before"] = _image_out(event.before)
-    datum["after"] = _image_out(event.after)
-    datum["result"] = to_avro_json(event.result)
-    if event.error is not None:
-        datum["error"] = event.error.__dict__
-    if event.compensation is not None:
-        datum["compensation"] = {
-            **event.compensation.__dict__,
-            "args": _map_out(event.compensation.args),
-        }
-    return datum
-
-
-def _action_in(d: dict[str, Any]) -> ActionEvent:
-    d["kind"] = EventKind(d["kind"])
-    d["reversibility"] = Reversibility(d["reversibility"])
-    d["status"] = CallStatus(d["status"])
-    d["origin"] = Origin(d["origin"])
-    d["requested_args"] = _map_in(d["requested_args"])
-    if d["approved_args"] is not None:
-        d["approved_args"] = _map_in(d["approved_args"])
-    if d["target"] is not None:
-        d["target"] = TargetRef.model_construct(**d["target"])
-    d["before"] = _image_in(d["before"])
-    d["after"] = _image_in(d["after"])
-    d["result"] = from_avro_json(d["result"])
-    if d["error"] is not None:
-        d["error"] = ErrorInfo.model_construct(**d["error"])
-    comp = d["compensation"]
-    if comp is not None:
-        comp["args"] = _map_in(comp["args"])
-        d["compensation"] = Compensation.model_construct(**comp)
-    return ActionEvent.model_construct(**d)
-
-
-def _control_out(command: ControlCommand) -> dict[str, object]:
-    datum = dict(command.__dict__)
-    if command.approved_args is not None:
-        datum["approved_args"] = _map_out(command.approved_args)
-    return datum
-
-
-def _control_in(d: dict[str, Any]) -> ControlCommand:
-    d["action"] = ControlAction(d["action"])
-    d["mode"] = FreezeMode(d["mode"])
-    if d["approved_args"] is not None:
-        d["approved_args"] = _map_in(d["approved_args"])
-    return ControlCommand.model_construct(**d)
-
-
-def _signal_out(signal: Signal) -> dict[str, object]:
-    datum = dict(signal.__dict__)
-    datum["evidence"] = [e.__dict__ for e in signal.evidence]
-    return datum
-
-
-def _signal_in(d: dict[str, Any]) -> Signal:
-    d["severity"] = Severity(d["severity"])
-    d["evidence"] = [Evidence.model_construct(**e) for e in d["evidence"]]
-    return Signal.model_construct(**d)
-
-
-_TO_DATUM: dict[type[BaseModel], Callable[[Any], dict[str, object]]] = {
-    ActionEvent: _action_out,
-    ControlCommand: _control_out,
-    Signal: _signal_out,
-}
-_FROM_DATUM: dict[type[BaseModel], Callable[[dict[str, Any]], BaseModel]] = {
-    ActionEvent: _action_in,
-    ControlCommand: _control_in,
-    Signal: _signal_in,
-}
-
-
-def to_datum(record: BaseModel) -> dict[str, object]:
-    """The Avro datum (plain dict) for a record, as fastavro writes it."""
-    try:
-        return _TO_DATUM[type(record)](record)
-    except KeyError:
-        raise SchemaError(f"not a backout record: {type(record).__name__!r}") from None
-
-
-def from_datum(record_type: type[RecordT], datum: dict[str, Any]) -> RecordT:
-    """The record for an Avro datum read with the current schema of ``record_type``."""
-    return cast(RecordT, _FROM_DATUM[record_type](datum))
-
-
 _BINDING = Binding(
     records={"ActionEvent": ActionEvent, "TargetRef": TargetRef, "RecordImage": RecordImage,
              "ErrorInfo": ErrorInfo, "Compensation": Compensation,
@@ -312,7 +179,7 @@ def compiled(record_type: type[BaseModel]) -> CompiledRecord:
 
 
 def _writer(record_type: type[BaseModel]) -> Callable[[BaseModel, bytes], bytes]:
-    if record_type not in _TO_DATUM:
+    if record_type not in FROM_DATUM:
         raise SchemaError(f"not a backout record: {record_type.__name__!r}")
     return compiled(record_type).writer
 
@@ -345,7 +212,7 @@ def decode_body(body: bytes, writer: WriterSchema, *, raw: bytes | None = None) 
     reader = current_schema(writer.record_type).parsed
     try:
         datum = schemaless_reader(BytesIO(body), writer.parsed, reader)
-        return _FROM_DATUM[writer.record_type](cast(dict[str, Any], datum))
+        return FROM_DATUM[writer.record_type](cast(dict[str, Any], datum))
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise DecodeError(
             f"corrupt {writer.record_type.__name__} body: {exc!r}",
