@@ -397,8 +397,18 @@ class Detection:
 class _Facts:
     """What the windowed detectors read from one tool call, computed once."""
 
-    __slots__ = ("event", "recent", "record", "ref", "ref_list", "system", "t", "tenant", "value",
-                 "write")
+    __slots__ = (
+        "event",
+        "recent",
+        "record",
+        "ref",
+        "ref_list",
+        "system",
+        "t",
+        "tenant",
+        "value",
+        "write",
+    )
 
     def __init__(self, event: ActionEvent, ref: EventRef, t: int) -> None:
         self.event = event
@@ -473,7 +483,8 @@ def detect(
                     findings.extend(found)
                 if agent_subject is None:
                     agent_subject = ("agent", event.agent_id)
-                _observe(agent, agent_subject, limits.agent, facts, limits, findings)
+                if agent_subject is not None:  # narrows the type for mypy
+                    _observe(agent, agent_subject, limits.agent, facts, limits, findings)
             agent_runs.pop(run_id, None)
             agent_runs[run_id] = t
             if t > agent.last_us:
