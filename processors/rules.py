@@ -467,14 +467,22 @@ def detect(
         if run is None:
             base = runs.get(run_id)
             run = touched[run_id] = base.copy() if base is not None else ScopeState()
-        fresh_agent, fresh_run = agent.claim(ref), run.claim(ref)
-        if not (fresh_agent or fresh_run):
-            skipped += 1
-            continue
+        if ref.partition is None or ref.offset is None:  # from a file: nothing to claim
+            fresh_agent = fresh_run = True
+        else:
+            fresh_agent, fresh_run = agent.claim(ref), run.claim(ref)
+            if not (fresh_agent or fresh_run):
+                skipped += 1
+                continue
         limits = limits_for(event)
         if limits.window_us > retain:
             retain = limits.window_us
-        t = micros(event.occurred_at)
+        at = event.occurred_at
+        if at.tzinfo is None:
+            t = micros(at)
+        else:  # micros(), inlined for the usual aware time
+            delta = at - _EPOCH
+            t = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
         facts = _Facts(event, ref, t) if event.kind is _TOOL_CALL else None
         if fresh_agent:
             if facts is not None:
