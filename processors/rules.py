@@ -39,6 +39,10 @@ Labels the journal sets on ``ActionEvent.labels`` for these detectors:
 - ``partial_failure``: set when a call succeeded only in part, e.g. ``"3/10"`` items
   failed; ``""``, ``"0"`` and ``"false"`` mean no.
 
+Rollback's own inverse writes and compensations (``origin == "rollback"``) are recorded as
+applied but judged by no detector: they undo an incident, and counting them as the
+rolled-back agent's activity would freeze the recovery itself.
+
 Windowed detectors count over a sliding window split into :data:`WINDOW_BUCKETS`
 buckets; the oldest bucket is weighted by how much of it is still inside the window.
 They fire once when a limit is crossed, again when the overshoot reaches the policy's
@@ -60,6 +64,7 @@ from backout.schemas.events import (
     ActionEvent,
     CallStatus,
     EventKind,
+    Origin,
     RecordImage,
     Reversibility,
     Severity,
@@ -123,6 +128,7 @@ _RANK = {s: i for i, s in enumerate(Severity)}
 _READ_ONLY = Reversibility.READ_ONLY
 _TOOL_CALL = EventKind.TOOL_CALL
 _WRITTEN = frozenset({CallStatus.SUCCEEDED, CallStatus.UNKNOWN, CallStatus.PENDING})
+_ROLLBACK = Origin.ROLLBACK
 _FIRED_KEEP = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_PARTIAL = frozenset({"", "0", "false", "no"})
@@ -474,6 +480,8 @@ def detect(
             if not (fresh_agent or fresh_run):
                 skipped += 1
                 continue
+        if event.origin is _ROLLBACK:
+            continue  # recovery, not the agent's own activity: see the module docstring
         limits = limits_for(event)
         if limits.window_us > retain:
             retain = limits.window_us

@@ -16,7 +16,7 @@ from backout.processors.rules import (
     detect,
     event_findings,
 )
-from backout.schemas.events import CallStatus, EventKind, Reversibility, Severity
+from backout.schemas.events import CallStatus, EventKind, Origin, Reversibility, Severity
 from tests.detection_kit import Clock, detectors, fold, policy, refs
 
 ALLOW = """
@@ -329,3 +329,37 @@ def test_a_window_change_resets_the_counts() -> None:
     longer = policy("window: 20s\ndefaults: {limits: {run: {actions: 5}}}").resolver()
     after = detect(state.agent, state.runs, refs(events[5:], partition=1), longer)
     assert after.findings == []  # 3 calls counted since the change, not 8
+
+
+def test_rollback_writes_are_recorded_but_judged_by_no_detector() -> None:
+    strict = """
+window: 60s
+defaults:
+  allow: {tools: [set_status, get_invoice], systems: [erp], tenants: [acme]}
+  limits: {run: {actions: 3, records: 2, tenants: 1}, agent: {actions: 3}, retry_loop: 2}
+"""
+    clock = Clock(step=1.0)
+    undo = [
+        clock.event(
+            origin=Origin.ROLLBACK,
+            run_id="rb-1",
+            tenant=f"tenant-{n}",  # outside the allow list, and many of them
+            object_id="inv_7",  # the same call again and again
+            status=CallStatus.UNKNOWN,
+        )
+        for n in range(6)
+    ]
+    findings, commands = fold(policy(strict), undo)
+    assert (findings, commands) == ([], [])
+    # the agent's own calls after them are judged as usual, with nothing of the rollback
+    # counted: its 4th call, not its 1st, crosses the agent's limit of 3
+    own = [clock.read() for _ in range(4)]
+    findings, _ = fold(policy(strict), [*undo, *own])
+    assert detectors(findings) == [
+        ("rate_anomaly", "medium", own[3].event_id),
+        ("rate_anomaly", "medium", own[3].event_id),
+    ]
+    # and a rollback event already applied counts as skipped, like any other
+    state = detect(ScopeState(), {}, refs(undo), policy(strict).limits_for)
+    again = detect(state.agent, state.runs, refs(undo), policy(strict).limits_for)
+    assert (again.findings, again.skipped) == ([], len(undo))
