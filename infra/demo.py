@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -135,14 +136,16 @@ class Demo:
         (self.workdir / "projection.db").unlink(missing_ok=True)  # a --workdir used before
         self.world = World.create(self.workdir)
         self.expected = Expected(self.world)
-        processors = Processors(
-            self.settings,
-            self.bootstrap,
-            self.policy,
-            self.processors_key,
-            datadir=self.workdir / "processors",
-        )
-        self.workers = ProcessorsThread(processors).start()
+        self.workers = ProcessorsThread(
+            partial(
+                Processors,
+                self.settings,
+                self.bootstrap,
+                self.policy,
+                self.processors_key,
+                datadir=self.workdir / "processors",
+            )
+        ).start()
 
     def journal(self) -> tuple[Journal, Tools]:
         """A Journal for one actor's process: its own producer and freeze guard."""

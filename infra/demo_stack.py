@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -59,10 +59,15 @@ class CountingSink:
 
 
 class ProcessorsThread:
-    """The real processors worker (Faust) on its own event loop in a thread."""
+    """The real processors worker (Faust) on its own event loop in a thread.
 
-    def __init__(self, processors: Processors) -> None:
-        self.processors = processors
+    The worker is built by ``make`` inside that loop: a Faust app binds to the loop it is
+    created on, and one built elsewhere never receives its partitions.
+    """
+
+    def __init__(self, make: Callable[[], Processors]) -> None:
+        self._make = make
+        self._processors: Processors | None = None
         self._stop: asyncio.Event | None = None
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -71,13 +76,21 @@ class ProcessorsThread:
             target=self._run, name="backout-demo-processors", daemon=True
         )
 
+    @property
+    def processors(self) -> Processors:
+        """The running worker (after :meth:`start`)."""
+        if self._processors is None:
+            raise ConfigError(f"the processors did not start: {self._error or 'timed out'}")
+        return self._processors
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
 
         async def main() -> None:
             self._stop = asyncio.Event()
+            self._processors = self._make()
             self._ready.set()
-            await serve(self.processors, self._stop)
+            await serve(self._processors, self._stop)
 
         try:
             self._loop.run_until_complete(main())
@@ -87,18 +100,19 @@ class ProcessorsThread:
 
     def start(self) -> ProcessorsThread:
         self._thread.start()
-        self._ready.wait(10)
+        self._ready.wait(30)
         return self
 
     def wait_for(self, events: int, timeout: float) -> None:
         """Wait until the processors have judged ``events`` action events."""
         deadline = time.monotonic() + timeout
-        while self.processors.stats.detected < events:
+        processors = self.processors
+        while processors.stats.detected < events:
             if self._error is not None:
                 raise ConfigError(f"the processors stopped: {self._error}")
             if time.monotonic() > deadline:
                 raise ConfigError(
-                    f"the processors judged {self.processors.stats.detected} of {events} "
+                    f"the processors judged {processors.stats.detected} of {events} "
                     f"events in {timeout:g}s"
                 )
             time.sleep(0.02)

@@ -395,6 +395,8 @@ def run_worker(processors: Processors, *, loglevel: str = "info") -> None:
 async def serve(processors: Processors, stop: asyncio.Event) -> None:
     """Run ``processors`` on the running loop until ``stop`` is set (benchmarks, tests).
 
+    Build ``processors`` on this loop: a Faust app binds to the loop it is created on.
+
     Lightens this process's garbage collector as a worker's (:func:`lighten_gc`).
     """
     app = processors.app
