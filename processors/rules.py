@@ -58,7 +58,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal, TypeAlias, cast
+from typing import Literal, TypeAlias, cast, get_args
 
 from backout.schemas.events import (
     ActionEvent,
@@ -80,16 +80,7 @@ DetectorName: TypeAlias = Literal[
     "blast_radius",
     "supervisor_drift",
 ]
-DETECTORS: tuple[DetectorName, ...] = (
-    "policy_violation",
-    "failed_postcondition",
-    "tool_uncertainty",
-    "rate_anomaly",
-    "retry_loop",
-    "mutation_volume",
-    "blast_radius",
-    "supervisor_drift",
-)
+DETECTORS: tuple[DetectorName, ...] = get_args(DetectorName)
 SubjectKind: TypeAlias = Literal["run", "agent"]
 
 LABEL_UNCERTAINTY = "uncertainty"
