@@ -23,6 +23,7 @@ from backout.schemas.events import (
     EventKind,
     Origin,
     Reversibility,
+    may_have_written,
 )
 
 __all__ = [
@@ -158,11 +159,7 @@ class EventInfo:
     @property
     def is_write(self) -> bool:
         """Mirrors :attr:`ActionEvent.is_write`: a call that may have changed something."""
-        return (
-            self.kind is EventKind.TOOL_CALL
-            and self.reversibility is not Reversibility.READ_ONLY
-            and self.status in (CallStatus.SUCCEEDED, CallStatus.UNKNOWN, CallStatus.PENDING)
-        )
+        return may_have_written(self.kind, self.reversibility, self.status)
 
     @classmethod
     def of(cls, event: ActionEvent) -> EventInfo:

@@ -103,6 +103,19 @@ _new = object.__new__
 _set = object.__setattr__
 
 
+_WRITE_OUTCOMES = frozenset((CallStatus.SUCCEEDED, CallStatus.UNKNOWN, CallStatus.PENDING))
+
+
+def may_have_written(kind: EventKind, reversibility: Reversibility, status: CallStatus) -> bool:
+    """Whether a journaled call may have changed its target: a tool call that is not
+    read-only and did not fail or get blocked (succeeded, in doubt or still pending)."""
+    return (
+        kind is EventKind.TOOL_CALL
+        and reversibility is not Reversibility.READ_ONLY
+        and status in _WRITE_OUTCOMES
+    )
+
+
 def trusted_model(cls: type[ModelT], state: dict[str, Any], fields_set: set[str]) -> ModelT:
     """A ``cls`` whose fields are ``state``, unvalidated: what ``model_construct`` builds.
 
@@ -228,12 +241,8 @@ class ActionEvent(BaseModel):
 
     @property
     def is_write(self) -> bool:
-        """True for a tool call that may have changed its target."""
-        return (
-            self.kind is EventKind.TOOL_CALL
-            and self.reversibility is not Reversibility.READ_ONLY
-            and self.status in (CallStatus.SUCCEEDED, CallStatus.UNKNOWN, CallStatus.PENDING)
-        )
+        """True for a tool call that may have changed its target (:func:`may_have_written`)."""
+        return may_have_written(self.kind, self.reversibility, self.status)
 
 
 class ControlCommand(BaseModel):
