@@ -95,13 +95,7 @@ def _base_event(
         event_id=event_id,
         occurred_at=now,
         kind=kind,
-        run_id=run.run_id,
-        parent_run_id=run.parent.run_id if run.parent else None,
-        agent_id=run.agent,
-        identity=run.identity,
-        tenant=run.tenant,
-        environment=run.environment,
-        workflow=run.workflow,
+        **run.event_fields(),
         step_id=call.step_id,
         parent_step_id=call.parent_step_id,
         tool=spec.name,
@@ -110,7 +104,6 @@ def _base_event(
         reversibility=spec.reversibility,
         idempotency_key=call.key,
         status=status,
-        origin=run.origin,
         labels={"approval_request": request_id},
     )
 

@@ -13,7 +13,7 @@ import itertools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backout.schemas.errors import PublishError
 from backout.schemas.events import ActionEvent, CallStatus, EventKind, Origin
@@ -68,6 +68,19 @@ class RunContext:
         self._completed: dict[str, ActionEvent] | None = None
         self._lock = threading.Lock()
         self._token: contextvars.Token[RunContext | None] | None = None
+
+    def event_fields(self) -> dict[str, Any]:
+        """The ActionEvent fields every event of this run carries (who, where, which run)."""
+        return {
+            "run_id": self.run_id,
+            "parent_run_id": self.parent.run_id if self.parent else None,
+            "agent_id": self.agent,
+            "identity": self.identity,
+            "tenant": self.tenant,
+            "environment": self.environment,
+            "workflow": self.workflow,
+            "origin": self.origin,
+        }
 
     def next_step_id(self) -> str:
         """A new step id in this run: ``<run id>:<n>``."""
