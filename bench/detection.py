@@ -25,7 +25,6 @@ The broker is BACKOUT_BOOTSTRAP when set, else an embedded Tansu broker started 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -49,7 +48,6 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from backout.infra.broker import Broker, start_embedded
 from backout.infra.settings import Settings
 from backout.infra.topics import ensure_topics
 from backout.processors.policy import Policy
@@ -66,7 +64,7 @@ from backout.schemas.events import (
     TargetRef,
 )
 from backout.schemas.signing import new_signing_key
-from bench.figures import Figure, show, tally
+from bench.figures import Figure, bench_broker, headline, measure, size_arguments
 
 
 @dataclass(frozen=True)
@@ -431,55 +429,32 @@ def bench_replay(n: int, tmp: Path) -> list[Figure]:
     ]
 
 
+PARTS = ("throughput", "latency", "replay")
+
+
 def run(sizes: Sizes, bootstrap: str | None, only: str | None = None) -> list[Figure]:
-    broker: Broker | None = None
-    if not bootstrap:
-        broker = start_embedded()
-        bootstrap = broker.bootstrap
-    figures: list[Figure] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
-            parts = {
-                "throughput": lambda: bench_throughput(
-                    bootstrap, sizes.throughput, Path(tmp) / "t"
-                ),
-                "latency": lambda: bench_latency(
-                    bootstrap, sizes.latency_s, sizes.latency_rate, Path(tmp) / "l"
-                ),
-                "replay": lambda: bench_replay(sizes.replay, Path(tmp)),
-            }
-            for name, part in parts.items():
-                if only is not None and name != only:
-                    continue
-                for figure in part():
-                    show(figure)
-                    figures.append(figure)
-    finally:
-        if broker is not None:
-            broker.stop()
-    tally(figures)
-    return figures
+    """Run every part (or ``only`` one) and print its figures; return them."""
+    with bench_broker(bootstrap) as address, tempfile.TemporaryDirectory() as tmp:
+        parts = {
+            "throughput": lambda: bench_throughput(address, sizes.throughput, Path(tmp) / "t"),
+            "latency": lambda: bench_latency(
+                address, sizes.latency_s, sizes.latency_rate, Path(tmp) / "l"
+            ),
+            "replay": lambda: bench_replay(sizes.replay, Path(tmp)),
+        }
+        return measure([part for name, part in parts.items() if only in (None, name)])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
-    size.add_argument("--full", action="store_true", help="1,000,000-action replay, longer runs")
-    parser.add_argument(
-        "--only", choices=("throughput", "latency", "replay"), help="run one part only"
-    )
-    args = parser.parse_args(argv)
+    args = size_arguments(__doc__, argv, full="1,000,000-action replay, longer runs", parts=PARTS)
     sizes = QUICK if args.quick else FULL if args.full else DEFAULT
     name = "quick" if args.quick else "full" if args.full else "default"
-    settings = Settings()  # the entrypoint: BACKOUT_* from the environment
-    print(
-        f"detection benchmark ({name} sizes: {sizes.throughput:,} actions through one "
-        f"worker, {sizes.latency_s:g}s at {sizes.latency_rate:,} actions/s, replay of "
-        f"{sizes.replay:,}), Python {sys.version.split()[0]}, {os.cpu_count()} CPUs",
-        flush=True,
+    headline(
+        "detection",
+        f"{name} sizes: {sizes.throughput:,} actions through one worker, {sizes.latency_s:g}s "
+        f"at {sizes.latency_rate:,} actions/s, replay of {sizes.replay:,}",
     )
-    run(sizes, settings.bootstrap, args.only)
+    run(sizes, Settings().bootstrap, args.only)  # the entrypoint: BACKOUT_* from the environment
 
 
 if __name__ == "__main__":

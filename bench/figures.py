@@ -78,21 +78,29 @@ def measure(parts: Iterable[Callable[[], Iterable[Figure]]], *, decimals: int = 
 
 
 def size_arguments(
-    description: str | None, argv: list[str] | None, *, full: str | None = None
+    description: str | None,
+    argv: list[str] | None,
+    *,
+    full: str | None = None,
+    parts: Sequence[str] = (),
 ) -> argparse.Namespace:
-    """Parse a benchmark's size options: ``--quick`` (CI smoke sizes) and, when ``full``
-    describes it, ``--full``."""
+    """Parse a benchmark's options: ``--quick`` (CI smoke sizes), ``--full`` when ``full``
+    describes it, and ``--only PART`` when ``parts`` names them."""
     parser = argparse.ArgumentParser(description=(description or "").splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     if full:
         size.add_argument("--full", action="store_true", help=full)
+    if parts:
+        parser.add_argument("--only", choices=parts, help="run one part only")
     return parser.parse_args(argv)
 
 
 def headline(what: str, sizes: str) -> None:
-    """Print what is measured, at which sizes, on which Python and how many CPUs."""
+    """Print what is measured, at which sizes, on which Python, how many CPUs and the load."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"{what} benchmark ({sizes}), Python {sys.version.split()[0]}, {os.cpu_count()} CPUs",
+        f"{what} benchmark ({sizes}), Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"load average {load}",
         flush=True,
     )

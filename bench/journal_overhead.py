@@ -23,10 +23,7 @@ The broker is BACKOUT_BOOTSTRAP when set, else an embedded Tansu broker started 
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -37,7 +34,6 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from backout.infra.broker import Broker, start_embedded
 from backout.infra.settings import Settings
 from backout.infra.topics import ensure_topics
 from backout.producers import Journal
@@ -51,7 +47,7 @@ from backout.schemas.events import (
     Reversibility,
     TargetRef,
 )
-from bench.figures import Figure, show, tally
+from bench.figures import Figure, bench_broker, headline, measure, size_arguments
 
 
 @dataclass(frozen=True)
@@ -139,8 +135,6 @@ def per_call_us(
 def cpu_us(fn: Callable[[], object], n: int) -> float:
     """Like :func:`per_call_us`, in this thread's CPU time."""
     return per_call_us(fn, n, clock=time.thread_time_ns)
-
-
 
 
 def bench_codec(n: int) -> list[Figure]:
@@ -328,47 +322,25 @@ def bench_throughput(bootstrap: str, n: int) -> Figure:
 
 def run(sizes: Sizes, bootstrap: str | None) -> list[Figure]:
     """Run every part and print its figures; return them."""
-    figures = bench_codec(sizes.codec)
-    for figure in figures:
-        show(figure)
-    broker: Broker | None = None
-    if bootstrap is None:
-        broker = start_embedded()
-        bootstrap = broker.bootstrap
-        print(f"broker: embedded Tansu on {bootstrap}")
-    else:
-        print(f"broker: {bootstrap} (BACKOUT_BOOTSTRAP)")
-    try:
-        for part in (
-            lambda: [
-                bench_overhead(bootstrap, sizes.overhead),
-                bench_overhead_in_process(sizes.overhead),
-            ],
-            lambda: bench_confirm(bootstrap, sizes.confirm),
-            lambda: [bench_throughput(bootstrap, sizes.throughput)],
-        ):
-            for figure in part():
-                figures.append(figure)
-                show(figure)
-    finally:
-        if broker is not None:
-            broker.stop()
-    tally(figures)
-    return figures
+    with bench_broker(bootstrap) as address:
+        return measure(
+            [
+                lambda: bench_codec(sizes.codec),
+                lambda: [
+                    bench_overhead(address, sizes.overhead),
+                    bench_overhead_in_process(sizes.overhead),
+                ],
+                lambda: bench_confirm(address, sizes.confirm),
+                lambda: [bench_throughput(address, sizes.throughput)],
+            ]
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
-    args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else DEFAULT
-    settings = Settings()  # the entrypoint: BACKOUT_* from the environment
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(
-        f"journal overhead benchmark ({'quick' if args.quick else 'default'} sizes), "
-        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load}"
-    )
-    run(sizes, settings.bootstrap)
+    args = size_arguments(__doc__, argv)
+    headline("journal overhead", f"{'quick' if args.quick else 'default'} sizes")
+    # the entrypoint: BACKOUT_* from the environment
+    run(QUICK if args.quick else DEFAULT, Settings().bootstrap)
 
 
 if __name__ == "__main__":
