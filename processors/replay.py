@@ -14,7 +14,6 @@ sampled but does not re-check them.
 from __future__ import annotations
 
 import hashlib
-import json
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from backout.processors.engine import Engine, signal_of
 from backout.processors.policy import Policy
 from backout.processors.rules import EventRef, Finding, ScopeState, samplable, sampled
 from backout.schemas import codec
-from backout.schemas.avro_fast import _Gen, write_long
+from backout.schemas.avro_fast import write_long
 from backout.schemas.errors import ConfigError, DecodeError
 from backout.schemas.events import ActionEvent, ControlCommand
 from backout.schemas.registry import make_codec
@@ -279,16 +278,10 @@ def _avsc() -> str:
 
 
 @cache
-def _read_from() -> Callable[[bytes, int], tuple[ActionEvent, int]]:
-    # avro_fast compiles whole-record readers; a container block holds records back to
-    # back, so compile one that starts at a position and says where it stopped.
-    gen = _Gen(codec._BINDING)
-    gen.emit(0, "def read_from(buf, pos):")
-    gen.read(json.loads(_avsc()), "result", 1)
-    gen.emit(1, "return result, pos")
-    namespace = dict(gen.env)
-    exec(compile("\n".join(gen.lines), "<replay read_from>", "exec"), namespace)
-    return cast(Callable[[bytes, int], tuple[ActionEvent, int]], namespace["read_from"])
+def _read_from() -> Callable[[bytes, str, int], tuple[ActionEvent, int]]:
+    # A container block holds records back to back: read each where the last one ended.
+    return cast(Callable[[bytes, str, int], tuple[ActionEvent, int]],
+                codec.compiled(ActionEvent).read_from)
 
 
 def read_container(path: str | Path) -> Iterator[tuple[ActionEvent, EventRef]]:
@@ -325,9 +318,9 @@ def _container_events(stream: BinaryIO, path: Path) -> Iterator[tuple[ActionEven
         read_from = _read_from()
         for block in blocks:
             data = block.bytes_.getvalue()  # type: ignore[attr-defined]  # fastavro Block
-            pos = 0
+            text, pos = data.decode("latin-1"), 0
             for _ in range(block.num_records):
-                event, pos = read_from(data, pos)
+                event, pos = read_from(data, text, pos)
                 yield event, EventRef(event.event_id, None, None, index)
                 index += 1
         return

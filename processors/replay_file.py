@@ -112,11 +112,11 @@ def _share_events(
     with open(path, "rb") as stream:
         for block in block_reader(stream):
             data = block.bytes_.getvalue()  # type: ignore[attr-defined]  # fastavro Block
-            pos = 0
+            text, pos = data.decode("latin-1"), 0
             for _ in range(block.num_records):
                 end, agent = skim(data, pos)
                 if zlib.crc32(agent) % shares == share:
-                    event, stop = read_from(data, pos)
+                    event, stop = read_from(data, text, pos)
                     if stop != end:
                         raise ValueError(f"record {index} ends at {stop}, skimmed {end}")
                     yield index, event, EventRef(event.event_id, None, None, index)

@@ -20,6 +20,7 @@ __all__ = [
     "read_json",
     "read_long",
     "read_micros",
+    "read_span",
     "write_json",
     "write_long",
     "write_micros",
@@ -59,6 +60,17 @@ def read_long(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise AvroFastError("varint longer than 10 bytes")
+
+
+def read_span(buf: bytes, pos: int) -> tuple[int, int]:
+    """Read the length of bytes or a string at ``pos``; returns where they start and end."""
+    size, start = read_long(buf, pos)
+    if size < 0:
+        raise AvroFastError("negative length")
+    end = start + size
+    if end > len(buf):
+        raise IndexError("truncated record")
+    return start, end
 
 
 # Timestamps of our era (years 1971 to 3100) are 8-byte varints: packed and unpacked in a

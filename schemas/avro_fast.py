@@ -23,6 +23,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel
+
 from backout.schemas.avro_binary import (
     DOUBLE,
     EPOCH,
@@ -32,6 +34,7 @@ from backout.schemas.avro_binary import (
     read_json,
     read_long,
     read_micros,
+    read_span,
     write_json,
     write_long,
     write_micros,
@@ -50,6 +53,23 @@ _JSON_INT = [bytes((4, ((v << 1) ^ (v >> 63)) & 0xFF)) for v in range(-64, 64)]
 _JSON_BOOL = (b"\x02\x00", b"\x02\x01")
 # A length's first byte -> the length when that byte is all of it, else -1 (read it whole).
 _SIZE = [-1 if b & 0x81 else b >> 1 for b in range(256)]
+# A long's first byte -> its value when that byte is all of it, else None (read it whole).
+_ZIGZAG = [None if b & 0x80 else (b >> 1) ^ -(b & 1) for b in range(256)]
+
+
+def _ends(skip: int) -> list[int]:
+    """A string's length byte -> where the string ends, counted from ``skip + 1`` bytes
+    before that byte; 0 when the length takes more than one byte (or is invalid)."""
+    return [0 if b & 0x81 else (b >> 1) + skip + 1 for b in range(256)]
+
+
+# Pydantic models keep their state in four slots; setting them through their descriptors
+# skips the attribute lookup ``object.__setattr__`` does each time.
+_SLOTS = vars(BaseModel)
+_SET_DICT = _SLOTS["__dict__"].__set__
+_SET_FIELDS_SET = _SLOTS["__pydantic_fields_set__"].__set__
+_SET_EXTRA = _SLOTS["__pydantic_extra__"].__set__
+_SET_PRIVATE = _SLOTS["__pydantic_private__"].__set__
 
 
 def _micros(value: datetime) -> int:
@@ -103,8 +123,10 @@ class _Gen:
             "_DOUBLE": DOUBLE, "_FLOAT": FLOAT, "_EPOCH": EPOCH, "_td": timedelta,
             "_micros": _micros, "_datetime": _datetime, "AvroFastError": AvroFastError,
             "datetime": datetime, "_JSON_STR": _JSON_STR, "_JSON_INT": _JSON_INT,
-            "_JSON_BOOL": _JSON_BOOL, "_SIZE": _SIZE,
-            "_new": object.__new__, "_set": object.__setattr__}
+            "_JSON_BOOL": _JSON_BOOL, "_SIZE": _SIZE, "_ZIGZAG": _ZIGZAG,
+            "read_span": read_span, "_new": object.__new__, "_set_dict": _SET_DICT,
+            "_set_fields_set": _SET_FIELDS_SET, "_set_extra": _SET_EXTRA,
+            "_set_private": _SET_PRIVATE}
         self.counter = 0
 
     def var(self, prefix: str) -> str:
@@ -302,13 +324,11 @@ class _Gen:
 
     def read_long(self, target: str, ind: int, skip: int = 0) -> None:
         """Read a long, inlining the one-byte case."""
-        b = self.var("b")
-        self.emit(ind, f"{b} = buf[{_at(skip)}]")
-        self.emit(ind, f"if {b} < 128:")
-        self.emit(ind + 1, f"{target} = ({b} >> 1) ^ -({b} & 1)")
-        self.advance(ind + 1, skip + 1)
-        self.emit(ind, "else:")
+        self.emit(ind, f"{target} = _ZIGZAG[buf[{_at(skip)}]]")
+        self.emit(ind, f"if {target} is None:")
         self.emit(ind + 1, f"{target}, pos = read_long(buf, {_at(skip)})")
+        self.emit(ind, "else:")
+        self.emit(ind + 1, f"pos += {skip + 1}")
 
     def read_size(self, target: str, ind: int, skip: int = 0) -> None:
         """Read a non-negative long (a length) and move ``pos`` past it."""
@@ -321,10 +341,23 @@ class _Gen:
         self.emit(ind + 2, "raise AvroFastError('negative length or index')")
 
     def read_bytes(self, target: str, ind: int, skip: int, *, text: bool) -> None:
-        n = self.var("n")
-        self.read_size(n, ind, skip)
-        self.emit(ind, f"{target} = buf[pos:pos + {n}]{'.decode()' if text else ''}")
-        self.emit(ind, f"pos += {n}")
+        """Read bytes or a string, inlining the one-byte length: the slice's end is the
+        new ``pos``, assigned in the slice itself."""
+        ends, e, start = f"_ENDS{skip}", self.var("e"), self.var("s")
+        self.env.setdefault(ends, _ends(skip))
+        decode = ".decode()" if text else ""
+        self.emit(ind, f"if {e} := {ends}[buf[{_at(skip)}]]:")
+        if text:
+            # ``text`` is ``buf`` read as Latin-1, one character per byte: an ASCII slice
+            # of it is the string, anything else is decoded from the bytes as UTF-8.
+            self.emit(ind + 1, f"{target} = text[pos + {skip + 1}:(pos := pos + {e})]")
+            self.emit(ind + 1, f"if not {target}.isascii():")
+            self.emit(ind + 2, f"{target} = buf[pos - len({target}):pos].decode()")
+        else:
+            self.emit(ind + 1, f"{target} = buf[pos + {skip + 1}:(pos := pos + {e})]")
+        self.emit(ind, "else:")
+        self.emit(ind + 1, f"{start}, pos = read_span(buf, {_at(skip)})")
+        self.emit(ind + 1, f"{target} = buf[{start}:pos]{decode}")
 
     def read_enum(self, schema: Any, target: str, ind: int, skip: int) -> None:
         enum_cls = self.binding.enums.get(schema["name"])
@@ -409,10 +442,10 @@ class _Gen:
         fields_set = self.var("FIELDS")
         self.env[ctor], self.env[fields_set] = cls, frozenset(names)
         self.emit(ind, f"{target} = _new({ctor})")
-        self.emit(ind, f"_set({target}, '__dict__', {state})")
-        self.emit(ind, f"_set({target}, '__pydantic_fields_set__', set({fields_set}))")
-        self.emit(ind, f"_set({target}, '__pydantic_extra__', None)")
-        self.emit(ind, f"_set({target}, '__pydantic_private__', None)")
+        self.emit(ind, f"_set_dict({target}, {state})")
+        self.emit(ind, f"_set_fields_set({target}, {{*{fields_set}}})")
+        self.emit(ind, f"_set_extra({target}, None)")
+        self.emit(ind, f"_set_private({target}, None)")
 
 
 WRITE_ERRORS = (KeyError, AttributeError, TypeError, struct.error, OverflowError, RecursionError)
@@ -435,10 +468,11 @@ def read_error(exc: Exception) -> AvroFastError:
 class CompiledRecord:
     """A record schema compiled into ``write(model) -> bytes`` and ``read(bytes) -> model``.
 
-    ``writer(value, head)`` and ``reader(buf, pos)`` are the compiled functions themselves,
-    for callers that handle their exceptions (``WRITE_ERRORS``/``READ_ERRORS``) in place:
-    the writer returns ``head`` followed by the body, the reader reads a record from
-    ``pos`` that must end exactly at the end of ``buf``.
+    ``writer(value, head)``, ``reader(buf, pos)`` and ``read_from(buf, text, pos)`` are the
+    compiled functions themselves, for callers that handle their exceptions
+    (``WRITE_ERRORS``/``READ_ERRORS``) in place: the writer returns ``head`` followed by
+    the body, the reader reads a record from ``pos`` that must end exactly at the end of
+    ``buf``.
     """
 
     def __init__(self, schema: dict[str, Any], binding: Binding) -> None:
@@ -449,15 +483,23 @@ class CompiledRecord:
         gen.write(schema, "value", 1)
         gen.emit(1, "return bytes(out)")
         gen.emit(0, "def read(buf, pos=0):")
+        gen.emit(1, "text = buf.decode('latin-1')")
         gen.read(schema, "result", 1)
         gen.emit(1, "if pos != len(buf):")
         gen.emit(2, "raise AvroFastError(f'{len(buf) - pos} byte(s) left over or missing')")
         gen.emit(1, "return result")
+        gen.emit(0, "def read_from(buf, text, pos):")
+        gen.read(schema, "result", 1)
+        gen.emit(1, "return result, pos")
         self.source = "\n".join(gen.lines)
         namespace = dict(gen.env)
         exec(compile(self.source, f"<avro_fast {schema['name']}>", "exec"), namespace)
         self.writer: Callable[[Any, bytes], bytes] = namespace["write"]
         self.reader: Callable[[bytes, int], Any] = namespace["read"]
+        self.read_from: Callable[[bytes, str, int], tuple[Any, int]] = namespace["read_from"]
+        """Read one record at ``pos`` of a buffer holding records back to back; returns it
+        and where it ends. ``text`` is the whole buffer decoded as Latin-1 (read once per
+        buffer); errors are as for ``reader``."""
 
     def write(self, value: Any) -> bytes:
         """The Avro binary body of ``value``.

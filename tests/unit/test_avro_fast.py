@@ -225,3 +225,51 @@ def test_trailing_and_truncated_bodies_are_refused() -> None:
     for cut in range(len(body)):
         with pytest.raises(AvroFastError):
             compiled.read(body[:cut])
+
+
+def _event_with_text(text: str) -> ActionEvent:
+    return ActionEvent(
+        event_id=text,
+        occurred_at=datetime(2026, 11, 24, tzinfo=UTC),
+        run_id="r",
+        agent_id=text,
+        identity="i",
+        tenant=text,
+        step_id="r:1",
+        tool="t",
+        requested_args={text: text, "n": [text, {text: text}]},
+        target=TargetRef(system="erp", object_id=text),
+        reversibility=Reversibility.REVERSIBLE,
+        before=RecordImage(exists=True, fields={text: text, "plain": "x"}, version=1),
+        idempotency_key="r:1",
+        status=CallStatus.SUCCEEDED,
+        labels={text: text},
+    )
+
+
+@pytest.mark.parametrize(
+    "text", ["ascii", "café", "€" * 30, "ü" * 70, "\U0001f600 emoji", "\x7f\x80", ""]
+)
+def test_non_ascii_strings_in_every_position(text: str) -> None:
+    # Strings are read as Latin-1 slices when ASCII: every other string, short (one-byte
+    # length) or long, must come back as its UTF-8 decoding.
+    event = _event_with_text(text)
+    assert codec.decode(codec.encode(event)) == event
+    body = codec.encode_body(event)
+    records = body + body
+    compiled = codec.compiled(ActionEvent)
+    first, end = compiled.read_from(records, records.decode("latin-1"), 0)
+    second, stop = compiled.read_from(records, records.decode("latin-1"), end)
+    assert first == second == event
+    assert (end, stop) == (len(body), len(records))
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80"])
+def test_invalid_utf8_in_a_string_is_refused(bad: bytes) -> None:
+    marker = b"MARKER"
+    body = codec.encode_body(_event_with_text("MARKER"))
+    corrupt = body.replace(bytes([len(marker) << 1]) + marker,
+                           bytes([len(bad) << 1]) + bad, 1)
+    assert corrupt != body
+    with pytest.raises(AvroFastError, match="corrupt"):
+        codec.compiled(ActionEvent).read(corrupt)
