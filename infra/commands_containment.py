@@ -31,7 +31,7 @@ from backout.infra.clikit import (
     table,
 )
 from backout.infra.settings import Settings
-from backout.producers.control import GLOBAL_SCOPE, Freeze, Outcome, malformed_reason, scope_key
+from backout.producers.freezes import GLOBAL_SCOPE, Freeze, Outcome, malformed_reason, scope_key
 from backout.producers.guard import ControlGuard
 from backout.producers.kafka import KafkaEventSink
 from backout.producers.scope import SCOPE_DIMENSIONS

@@ -23,8 +23,8 @@ from confluent_kafka.admin import AdminClient
 from backout.infra.broker import kafka_config
 from backout.infra.forensics import LogScanner, Position, message_position, paused_gc, read_head
 from backout.infra.settings import Settings
-from backout.producers.control import ControlRecord, Verdict
 from backout.producers.control import fold as fold_control
+from backout.producers.freezes import ControlRecord, Verdict
 from backout.projections.fold import LABEL_PLAN
 from backout.schemas.errors import ConfigError, DecodeError
 from backout.schemas.events import ActionEvent, ControlAction, ControlCommand, Origin, Signal

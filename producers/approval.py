@@ -33,7 +33,8 @@ from confluent_kafka import Consumer
 
 from backout.infra.broker import kafka_config
 from backout.infra.settings import Settings
-from backout.producers.control import ControlRecord, Decision, FreezeView
+from backout.producers.control import FreezeView
+from backout.producers.freezes import ControlRecord, Decision
 from backout.producers.registry import json_args
 from backout.producers.sink import Headers, InMemoryEventSink
 from backout.schemas.errors import ApprovalDenied, DecodeError

@@ -34,9 +34,10 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from backout.infra.broker import kafka_config, resolve_bootstrap
 from backout.infra.kafkaio import offset_of, partition_of, position_of
 from backout.infra.settings import Settings
-from backout.producers.control import Freeze, RunLineage
+from backout.producers.freezes import Freeze
 from backout.producers.guard import ControlGuard
 from backout.producers.ids import new_event_id
+from backout.producers.lineage import RunLineage
 from backout.producers.quarantine import (
     Headers,
     Marker,

@@ -37,15 +37,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 
 from backout.infra.broker import kafka_config, resolve_bootstrap
 from backout.infra.settings import Settings
-from backout.producers.control import (
-    ControlRecord,
-    Decision,
-    Freeze,
-    FreezeView,
-    Outcome,
-    integrity_signal,
-    scope_key,
-)
+from backout.producers.control import FreezeView
+from backout.producers.freezes import ControlRecord, Decision, Freeze, Outcome, scope_key
+from backout.producers.integrity import integrity_signal
 from backout.producers.scope import CallScope
 from backout.producers.sink import EventSink
 from backout.schemas.errors import DecodeError, Frozen

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from backout.producers.control import Freeze
+from backout.producers.freezes import Freeze
 from backout.producers.ids import new_event_id
 from backout.producers.scope import CallScope
 from backout.schemas.events import ActionEvent, CallStatus, Origin, Reversibility

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import JsonValue
 
 from backout.infra.settings import Settings
-from backout.producers.control import malformed_reason, scope_key
+from backout.producers.freezes import malformed_reason, scope_key
 from backout.producers.ids import new_event_id
 from backout.producers.registry import to_json_value
 from backout.producers.sink import EventSink

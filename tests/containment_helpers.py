@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 from pydantic import JsonValue
 
-from backout.producers.control import ControlRecord
+from backout.producers.freezes import ControlRecord
 from backout.producers.scope import CallScope
 from backout.schemas.events import ControlAction, ControlCommand, FreezeMode, Reversibility
 from backout.schemas.signing import SigningKey, new_signing_key, sign

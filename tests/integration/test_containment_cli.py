@@ -13,9 +13,9 @@ from confluent_kafka import TopicPartition
 from backout.infra.broker import Broker
 from backout.infra.cli import main
 from backout.infra.settings import Settings
-from backout.producers.control import INTEGRITY_DETECTOR
 from backout.producers.downstream import FreezeAwareConsumer
 from backout.producers.guard import ControlGuard
+from backout.producers.integrity import INTEGRITY_DETECTOR
 from backout.producers.kafka import KafkaEventSink
 from backout.schemas.codec import decode, encode
 from backout.schemas.errors import Frozen

@@ -10,8 +10,8 @@ import pytest
 
 from backout.infra.broker import Broker
 from backout.infra.settings import Settings
-from backout.producers.control import INTEGRITY_DETECTOR
 from backout.producers.guard import ControlGuard
+from backout.producers.integrity import INTEGRITY_DETECTOR
 from backout.producers.journal import Journal
 from backout.producers.kafka import KafkaEventSink
 from backout.schemas.codec import decode, encode

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 from backout.infra.broker import Broker, kafka_config
 from backout.infra.cli import main
 from backout.infra.settings import Settings
-from backout.producers.control import scope_key
+from backout.producers.freezes import scope_key
 from backout.producers.kafka import KafkaEventSink
 from backout.schemas.codec import encode
 from tests.operators_story import FREEZE_ID, SIGNAL_ID, Story, build_story

@@ -6,18 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from backout.producers.control import (
-    INTEGRITY_DETECTOR,
-    ControlRecord,
-    FreezeView,
-    RunLineage,
-    Verdict,
-    fold,
-    integrity_signal,
-    integrity_signal_id,
-    malformed_reason,
-    scope_key,
-)
+from backout.producers.control import FreezeView, fold
+from backout.producers.freezes import ControlRecord, Verdict, malformed_reason, scope_key
+from backout.producers.integrity import INTEGRITY_DETECTOR, integrity_signal, integrity_signal_id
+from backout.producers.lineage import RunLineage
 from backout.schemas.events import FreezeMode, Reversibility, Severity
 from backout.schemas.signing import new_signing_key, sign
 from tests.containment_helpers import T0, Commands, Log, call

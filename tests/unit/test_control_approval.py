@@ -19,7 +19,7 @@ from backout.producers.approval import (
     narrowed_args,
     request_id_for,
 )
-from backout.producers.control import Decision
+from backout.producers.freezes import Decision
 from backout.producers.journal import Journal
 from backout.producers.sink import InMemoryEventSink
 from backout.schemas.codec import decode

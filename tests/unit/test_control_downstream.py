@@ -9,9 +9,11 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from backout.infra.settings import Settings
-from backout.producers.control import Freeze, FreezeView, RunLineage
+from backout.producers.control import FreezeView
 from backout.producers.downstream import FreezeAwareConsumer, event_scope
+from backout.producers.freezes import Freeze
 from backout.producers.ids import new_event_id
+from backout.producers.lineage import RunLineage
 from backout.producers.quarantine import (
     MARKER,
     PARKED_BY,
