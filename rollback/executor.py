@@ -27,11 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import JsonValue
-
 from backout.infra.settings import Settings
-from backout.producers.freezes import malformed_reason, scope_key
-from backout.producers.ids import new_event_id
 from backout.producers.registry import to_json_value
 from backout.producers.sink import EventSink
 from backout.producers.targets import (
@@ -46,33 +42,24 @@ from backout.projections.fold import (
     LABEL_DETAIL,
     LABEL_FREEZE,
     LABEL_OUTCOME,
-    LABEL_PLAN,
     LABEL_REASON,
     LABEL_RUN,
-    LABEL_STEP,
     LABEL_TOOL,
-    LABEL_UNDOES,
     StepState,
 )
+from backout.rollback.journaling import RollbackJournal
 from backout.rollback.plan import Decision, PlanStep, RollbackPlan
 from backout.rollback.results import DONE_OUTCOMES, RollbackReport, StepOutcome, StepResult
 from backout.schemas.errors import ConfigError, PublishError, RollbackError
 from backout.schemas.events import (
-    ActionEvent,
     CallStatus,
-    ControlAction,
-    ControlCommand,
-    ErrorInfo,
     EventKind,
-    FreezeMode,
     JsonMap,
-    Origin,
     RecordImage,
     Reversibility,
-    TargetRef,
 )
 from backout.schemas.registry import Codec, make_codec
-from backout.schemas.signing import SigningKey, sign
+from backout.schemas.signing import SigningKey
 
 __all__ = ["RollbackExecutor", "RollbackReport", "StepOutcome", "StepResult", "targets_by_system"]
 
@@ -160,7 +147,7 @@ class RollbackExecutor:
         run = _Run(self, plan, prior or {})
         results = []
         try:
-            run.lifecycle(EventKind.RUN_STARTED, CallStatus.SUCCEEDED)
+            run.journal.lifecycle(EventKind.RUN_STARTED, CallStatus.SUCCEEDED)
             for done in run.execute_all(plan.steps):
                 results.append(done)
                 if on_step is not None:
@@ -170,7 +157,7 @@ class RollbackExecutor:
                 if all(r.outcome not in (StepOutcome.PENDING, StepOutcome.FAILED) for r in results)
                 else CallStatus.FAILED
             )
-            run.lifecycle(EventKind.RUN_FINISHED, status)
+            run.journal.lifecycle(EventKind.RUN_FINISHED, status)
             self.sink.flush()
         except PublishError as exc:
             raise RollbackError(
@@ -178,7 +165,9 @@ class RollbackExecutor:
                 " Targets already written are safe: re-run the same rollback to journal "
                 "them (compare-and-set finds them done)"
             ) from exc
-        return RollbackReport(plan.plan_id, run.run_id, tuple(results), tuple(run.notes))
+        return RollbackReport(
+            plan.plan_id, run.journal.run_id, tuple(results), tuple(run.journal.notes)
+        )
 
     def compensator(self, name: str) -> tuple[Compensator, Target | None] | None:
         """The callable for a compensating tool and the Target it declares, if any."""
@@ -203,11 +192,17 @@ class _Run:
         self.x = executor
         self.plan = plan
         self.prior = prior
-        self.run_id = f"rollback-{plan.plan_id}"
+        self.journal = RollbackJournal(
+            plan,
+            settings=executor.settings,
+            sink=executor.sink,
+            codec=executor.codec,
+            identity=executor.identity,
+            clock=executor.clock,
+            signing_key=executor.signing_key,
+            flush_every=executor.flush_every,
+        )
         self.unavailable: dict[str, str] = {}
-        self.freezes: dict[str, str] = {}
-        self.notes: list[str] = []
-        self.since_flush = 0
         self.batching: dict[str, BatchTarget | None] = {}
 
     # --- dispatch ---------------------------------------------------------------------------
@@ -286,7 +281,7 @@ class _Run:
         if system in self.unavailable:
             return self.result(step, StepOutcome.PENDING, self.unavailable[system])
         assert step.object_id is not None
-        self.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=False)
+        self.journal.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=False)
         expected, desired = step.expected(), step.desired()
         try:
             if step.decision is Decision.RESTORE:
@@ -303,7 +298,7 @@ class _Run:
     def restore_batch(self, writer: BatchTarget, group: list[PlanStep]) -> list[StepResult]:
         """Restore consecutive steps on one target with one ``compare_and_set_many``."""
         for step in group:
-            self.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=False)
+            self.journal.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=False)
         items = [(step.object_id or "", step.expected(), step.desired()) for step in group]
         try:
             results = writer.compare_and_set_many(items)
@@ -322,7 +317,7 @@ class _Run:
         if cas.outcome is CasOutcome.CONFLICT:
             live = _live_values(cas.live, expected or desired)
             detail = _conflict_detail(step, expected, cas)
-            self.marker(
+            self.journal.marker(
                 step,
                 EventKind.ROLLBACK_STEP_FINISHED,
                 {
@@ -333,14 +328,14 @@ class _Run:
                 },
                 confirm=False,
             )
-            self.tick()
+            self.journal.tick()
             return self.result(step, StepOutcome.CONFLICT, detail, expected=expected, live=live)
         inverse = self.inverse(step, cas, expected)
         outcome = StepOutcome.APPLIED if cas.outcome is CasOutcome.APPLIED else StepOutcome.ALREADY
-        self.marker(
+        self.journal.marker(
             step, EventKind.ROLLBACK_STEP_FINISHED, {LABEL_OUTCOME: outcome.value}, confirm=False
         )
-        self.tick()
+        self.journal.tick()
         return self.result(step, outcome, "", expected=expected, inverse=inverse)
 
     def inverse(self, step: PlanStep, cas: CasResult, expected: JsonMap) -> str:
@@ -351,7 +346,7 @@ class _Run:
             before = RecordImage(exists=False)
         else:
             before = RecordImage(exists=True, fields={**cas.live.fields, **expected})
-        event = self.event(
+        event = self.journal.event(
             step,
             EventKind.TOOL_CALL,
             tool=f"backout.{step.decision.value}",
@@ -362,7 +357,7 @@ class _Run:
             labels={LABEL_CAS: cas.outcome.value},
             suffix="write",
         )
-        self.publish(event, confirm=False)
+        self.journal.publish(event, confirm=False)
         return event.event_id
 
     # --- compensations ----------------------------------------------------------------------
@@ -378,14 +373,14 @@ class _Run:
         fn, tool_target = found
         target = tool_target or self.x.targets.get(step.system or "")
         self.x.sink.flush()
-        self.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=True)
+        self.journal.marker(step, EventKind.ROLLBACK_STEP_STARTED, {}, confirm=True)
         before = self.read(target, step)
         try:
             result = fn(**dict(step.args))
         except Exception as exc:  # the tool's own failure, whatever it is
             retry = getattr(exc, "retryable", None)
             detail = f"{name} failed: {type(exc).__name__}: {exc}"
-            self.marker(
+            self.journal.marker(
                 step,
                 EventKind.ROLLBACK_STEP_FINISHED,
                 {LABEL_OUTCOME: "failed", LABEL_DETAIL: detail[:2000]},
@@ -395,7 +390,7 @@ class _Run:
             return self.result(step, StepOutcome.FAILED, detail + suffix)
         after = self.read(target, step)
         has_images = before is not None and after is not None
-        event = self.event(
+        event = self.journal.event(
             step,
             EventKind.TOOL_CALL,
             tool=name,
@@ -408,8 +403,8 @@ class _Run:
             with_target=has_images,
             args=dict(step.args),
         )
-        self.publish(event, confirm=True)
-        self.marker(
+        self.journal.publish(event, confirm=True)
+        self.journal.marker(
             step, EventKind.ROLLBACK_STEP_FINISHED, {LABEL_OUTCOME: "compensated"}, confirm=True
         )
         return self.result(step, StepOutcome.COMPENSATED, f"ran {name}", inverse=event.event_id)
@@ -424,9 +419,9 @@ class _Run:
 
     # --- manual steps -----------------------------------------------------------------------
     def manual(self, step: PlanStep, reason: str) -> StepResult:
-        freeze = self.freeze(step, reason)
+        freeze = self.journal.freeze_follow_on(step, reason)
         self.x.sink.flush()
-        self.marker(
+        self.journal.marker(
             step,
             EventKind.ROLLBACK_STEP_FINISHED,
             {
@@ -439,130 +434,6 @@ class _Run:
             confirm=True,
         )
         return self.result(step, StepOutcome.MANUAL, reason, freeze=freeze)
-
-    def freeze(self, step: PlanStep, reason: str) -> str:
-        """Freeze follow-on automation of the action's agent in its tenant (read-only)."""
-        scope = {"agent": step.agent_id or ""}
-        if step.tenant:
-            scope["tenant"] = step.tenant
-        key = scope_key(scope)
-        if key in self.freezes:
-            return self.freezes[key]
-        key_file = self.x.settings.signing_key_file
-        if self.x.signing_key is None:
-            note = (
-                "not frozen: no signing key configured (set BACKOUT_SIGNING_KEY_FILE to "
-                f"freeze {key} automatically)"
-            )
-            self.notes.append(
-                f"could not freeze follow-on automation for {key}: no signing key"
-                + (f" (cannot use {key_file})" if key_file else "")
-            )
-            self.freezes[key] = note
-            return note
-        command = ControlCommand(
-            command_id=f"cmd_{new_event_id().lower()}",
-            issued_at=self.x.clock(),
-            action=ControlAction.FREEZE,
-            scope=scope,
-            mode=FreezeMode.READ_ONLY,
-            reason=f"rollback {self.plan.plan_id}: manual step {step.step_id} on "
-            f"{step.record_key or step.tool}: {reason}"[:1000],
-            issuer=self.x.identity,
-            cause=step.undoes[0] if step.undoes else None,
-        )
-        problem = malformed_reason(command)
-        if problem is not None:
-            note = f"not frozen: {problem}"
-            self.notes.append(f"could not freeze follow-on automation for {key}: {problem}")
-            self.freezes[key] = note
-            return note
-        signed = sign(command, self.x.signing_key)
-        self.x.sink.publish(
-            self.x.settings.topic("control"),
-            key.encode(),
-            self.x.codec.encode(signed),
-            confirm=True,
-        )
-        self.freezes[key] = signed.command_id
-        return signed.command_id
-
-    # --- events -----------------------------------------------------------------------------
-    def event(
-        self,
-        step: PlanStep | None,
-        kind: EventKind,
-        *,
-        tool: str,
-        reversibility: Reversibility = Reversibility.READ_ONLY,
-        before: RecordImage | None = None,
-        after: RecordImage | None = None,
-        compensates: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        suffix: str,
-        status: CallStatus = CallStatus.SUCCEEDED,
-        result: JsonValue = None,
-        with_target: bool = True,
-        args: JsonMap | None = None,
-        error: ErrorInfo | None = None,
-    ) -> ActionEvent:
-        target = None
-        if step is not None and step.system and step.object_id and with_target:
-            target = TargetRef(system=step.system, object_id=step.object_id)
-        all_labels = {LABEL_PLAN: self.plan.plan_id}
-        if step is not None:
-            all_labels |= {LABEL_STEP: step.step_id, LABEL_UNDOES: " ".join(step.undoes)}
-        step_id = f"{step.step_id}:{suffix}" if step is not None else f"{self.run_id}:{suffix}"
-        return ActionEvent(
-            event_id=new_event_id(),
-            occurred_at=self.x.clock(),
-            kind=kind,
-            run_id=self.run_id,
-            agent_id="backout",
-            identity=self.x.identity,
-            tenant=step.tenant if step is not None else self.plan.scope.tenant,
-            environment=self.x.settings.environment,
-            step_id=step_id,
-            tool=tool,
-            requested_args=args or {},
-            target=target,
-            reversibility=reversibility,
-            before=before,
-            after=after,
-            idempotency_key=step_id,
-            status=status,
-            result=result,
-            error=error,
-            origin=Origin.ROLLBACK,
-            compensates=compensates,
-            labels={**all_labels, **(labels or {})},
-        )
-
-    def marker(
-        self, step: PlanStep, kind: EventKind, labels: Mapping[str, str], *, confirm: bool
-    ) -> None:
-        suffix = "started" if kind is EventKind.ROLLBACK_STEP_STARTED else "finished"
-        self.publish(
-            self.event(step, kind, tool=f"backout.{kind.value}", labels=labels, suffix=suffix),
-            confirm=confirm,
-        )
-
-    def lifecycle(self, kind: EventKind, status: CallStatus) -> None:
-        self.publish(
-            self.event(None, kind, tool=f"backout.{kind.value}", status=status, suffix=kind.value),
-            confirm=False,
-        )
-
-    def publish(self, event: ActionEvent, *, confirm: bool) -> None:
-        self.x.sink.publish(
-            self.x.topic, event.key.encode(), self.x.codec.encode(event), confirm=confirm
-        )
-
-    def tick(self) -> None:
-        self.since_flush += 1
-        if self.since_flush >= self.x.flush_every:
-            self.x.sink.flush()
-            self.since_flush = 0
 
     def result(
         self,
