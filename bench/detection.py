@@ -50,10 +50,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from backout.infra.settings import Settings
 from backout.infra.topics import ensure_topics
+from backout.processors.findings import digest
 from backout.processors.policy import Policy
 from backout.processors.replay import write_container
 from backout.processors.replay_file import default_workers, replay_file
-from backout.processors.rules import digest
 from backout.schemas import codec
 from backout.schemas.events import (
     ActionEvent,

@@ -34,8 +34,8 @@ from backout.infra.declared_job import Permission, permissions
 from backout.infra.policy_edit import Path as KeyPath
 from backout.infra.policy_edit import Value, set_values, with_values
 from backout.processors.engine import Engine, Step
+from backout.processors.findings import EventRef, Limits, ScopeState
 from backout.processors.policy import Policy, parse_policy
-from backout.processors.rules import EventRef, Limits, ScopeState
 from backout.schemas.errors import ConfigError
 from backout.schemas.events import ActionEvent, EventKind
 

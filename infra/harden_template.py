@@ -35,8 +35,8 @@ from pathlib import Path
 import fastavro
 
 from backout.processors.engine import Engine
+from backout.processors.findings import EventRef, ScopeState
 from backout.processors.policy import Policy, load_policy
-from backout.processors.rules import EventRef, ScopeState
 from backout.schemas.codec import current_schema, from_datum
 from backout.schemas.events import ActionEvent
 

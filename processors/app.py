@@ -34,8 +34,8 @@ from faust.types import TP
 
 from backout.infra.settings import Settings
 from backout.processors.engine import Engine
+from backout.processors.findings import DEFAULT_SEVERITY
 from backout.processors.policy import Policy
-from backout.processors.rules import DEFAULT_SEVERITY
 from backout.processors.stages import (
     DetectStage,
     Emitter,

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from backout.processors.findings import EventRef, Finding, ScopeState, micros
 from backout.processors.policy import Policy, cooldown_key
-from backout.processors.rules import EventRef, Finding, ScopeState, detect, micros
+from backout.processors.rules import detect
 from backout.schemas.events import ActionEvent, ControlCommand, Evidence, Signal
 
 _ISSUED_KEEP = 64

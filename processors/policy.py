@@ -46,15 +46,15 @@ from pydantic import (
     model_validator,
 )
 
-from backout.processors.rules import (
+from backout.processors.findings import (
     DEFAULT_SEVERITY,
     DetectorName,
     Finding,
     Limits,
-    LimitsFor,
     ScopeLimits,
     digest,
 )
+from backout.processors.rules import LimitsFor
 from backout.schemas.errors import PolicyError
 from backout.schemas.events import ActionEvent, ControlAction, ControlCommand, FreezeMode, Severity
 

@@ -30,8 +30,9 @@ from fastavro.schema import to_parsing_canonical_form
 from backout.infra.broker import kafka_config
 from backout.infra.settings import Settings
 from backout.processors.engine import Engine, signal_of
+from backout.processors.findings import EventRef, Finding, ScopeState
 from backout.processors.policy import Policy
-from backout.processors.rules import EventRef, Finding, ScopeState, samplable, sampled
+from backout.processors.sampling import samplable, sampled
 from backout.schemas import codec
 from backout.schemas.avro_fast import write_long
 from backout.schemas.errors import ConfigError, DecodeError

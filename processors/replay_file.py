@@ -27,6 +27,7 @@ from pathlib import Path
 from fastavro import block_reader
 from fastavro.schema import to_parsing_canonical_form
 
+from backout.processors.findings import EventRef
 from backout.processors.policy import Policy
 from backout.processors.replay import (
     FoldedShare,
@@ -38,7 +39,6 @@ from backout.processors.replay import (
     read_container,
     replay,
 )
-from backout.processors.rules import EventRef
 from backout.processors.skim import Skimmer, compile_skimmer
 from backout.schemas import codec
 from backout.schemas.errors import ConfigError

@@ -33,7 +33,7 @@ from typing import Protocol
 
 from backout.processors.engine import Engine, Step, command_key, signal_key, signal_of
 from backout.processors.envelope import Routed, pack, partition_for, route_fields, unpack
-from backout.processors.rules import EventRef, Finding, ScopeState
+from backout.processors.findings import EventRef, Finding, ScopeState
 from backout.schemas.errors import DecodeError
 from backout.schemas.events import ActionEvent, ControlCommand
 from backout.schemas.registry import Codec

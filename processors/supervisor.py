@@ -1,10 +1,10 @@
 """Supervisor sampling: re-check a share of succeeded writes on the live target. [adapter]
 
 The route stage sees every journaled write of a record in order (the actions topic is
-keyed by record), so it is where writes are sampled: :func:`~backout.processors.rules.sampled`
+keyed by record), so it is where writes are sampled: :func:`~backout.processors.sampling.sampled`
 picks events by a hash of their id, deterministically. ``recheck_after`` later the record
 is read through its :class:`~backout.producers.targets.Target` and compared with the
-sampled after-image (:func:`~backout.processors.rules.drift_finding`).
+sampled after-image (:func:`~backout.processors.sampling.drift_finding`).
 
 A newer journaled write of the same record replaces the pending check, so legitimate
 later writes are never reported. A drift is held for ``confirm_after`` seconds before it
@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from backout.processors.engine import Engine
+from backout.processors.findings import EventRef, Finding
 from backout.processors.policy import SupervisorSpec
-from backout.processors.rules import EventRef, Finding, drift_finding, samplable, sampled
+from backout.processors.sampling import drift_finding, samplable, sampled
 from backout.processors.stages import Emitter, Incoming
 from backout.producers.targets import Target, TargetUnavailable
 from backout.schemas.errors import DecodeError

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from backout.processors.engine import Engine
+from backout.processors.findings import EventRef, Finding, ScopeState
 from backout.processors.policy import Policy, parse_policy
-from backout.processors.rules import EventRef, Finding, ScopeState
 from backout.schemas.events import (
     ActionEvent,
     CallStatus,

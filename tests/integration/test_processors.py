@@ -13,9 +13,9 @@ import pytest
 
 from backout.infra.cli import main
 from backout.infra.settings import Settings
+from backout.processors.findings import EventRef
 from backout.processors.policy import load_policy
 from backout.processors.replay import read_topic, replay
-from backout.processors.rules import EventRef
 from backout.schemas.events import ActionEvent, ControlCommand, FreezeMode, Signal
 from backout.schemas.signing import verify
 from tests.detection_kit import Clock
@@ -198,9 +198,9 @@ def test_detect_replays_a_topic_range_without_side_effects(
 
 
 def test_the_ledger_knows_the_commands_on_the_control_topic(kafka_settings: Settings) -> None:
+    from backout.processors.findings import Context, Finding
     from backout.processors.ledger import ControlLedger
     from backout.processors.policy import parse_policy
-    from backout.processors.rules import Context, Finding
     from backout.producers.kafka import KafkaEventSink
     from backout.schemas import codec
     from backout.schemas.events import Severity

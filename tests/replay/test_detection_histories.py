@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from backout.infra.cli import main
+from backout.processors.findings import EventRef
 from backout.processors.policy import load_policy
 from backout.processors.replay import read_container, replay, write_container
 from backout.processors.replay_file import replay_file
-from backout.processors.rules import EventRef
 from backout.schemas.events import ActionEvent
 
 HERE = Path(__file__).parent / "detection"

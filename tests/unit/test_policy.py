@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from backout.processors.engine import Engine
+from backout.processors.findings import Context, EventRef, Finding
 from backout.processors.policy import load_policy, parse_policy
-from backout.processors.rules import Context, EventRef, Finding
 from backout.schemas.errors import ConfigError, PolicyError
 from backout.schemas.events import ControlAction, FreezeMode, Severity
 from tests.detection_kit import T0, Clock, fold, policy

@@ -6,16 +6,15 @@ import itertools
 
 import pytest
 
-from backout.processors.rules import (
+from backout.processors.findings import (
     LABEL_PARTIAL_FAILURE,
     LABEL_POSTCONDITION,
     LABEL_POSTCONDITION_DETAIL,
     LABEL_UNCERTAINTY,
     EventRef,
     ScopeState,
-    detect,
-    event_findings,
 )
+from backout.processors.rules import detect, event_findings
 from backout.schemas.events import CallStatus, EventKind, Origin, Reversibility, Severity
 from tests.detection_kit import Clock, detectors, fold, policy, refs
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backout.processors.engine import Engine
-from backout.processors.rules import ScopeState, sampled
+from backout.processors.findings import ScopeState
+from backout.processors.sampling import sampled
 from backout.schemas.events import ActionEvent, CallStatus, Reversibility
 from tests.detection_kit import Clock, fold, policy, refs
 

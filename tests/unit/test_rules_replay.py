@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fastavro import parse_schema, reader, writer
 
+from backout.processors.findings import EventRef
 from backout.processors.replay import read_container, replay, write_container
-from backout.processors.rules import EventRef
 from backout.schemas import codec
 from backout.schemas.errors import ConfigError
 from backout.schemas.events import ActionEvent

@@ -10,8 +10,8 @@ import pytest
 
 from backout.processors.engine import Engine
 from backout.processors.envelope import pack, partition_for, route_fields, unpack
+from backout.processors.findings import DEFAULT_SEVERITY
 from backout.processors.policy import Policy
-from backout.processors.rules import DEFAULT_SEVERITY
 from backout.processors.stages import (
     DLQ_CONSUMER,
     DLQ_FROM,
