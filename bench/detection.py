@@ -392,9 +392,10 @@ def _watch_control(
         # poll, not consume(100, ...): consume waits for 100 records or its whole timeout,
         # which would add up to that timeout to every freeze read
         message = consumer.poll(0.05)
-        if message is not None and message.error() is None:
+        value = message.value() if message is not None and message.error() is None else None
+        if message is not None and value is not None:
             arrived = time.time()
-            command = codec.decode(message.value(), ControlCommand)
+            command = codec.decode(value, ControlCommand)
             if command.cause:
                 seen.setdefault(command.cause, arrived)
                 issued.setdefault(command.cause, message.timestamp()[1] / 1000)
