@@ -115,3 +115,24 @@ def test_importing_schemas_pulls_in_no_kafka_or_sql() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_pure_producer_modules_load_without_the_journal() -> None:
+    # backout.producers resolves its names on first use: a pure module of the package
+    # (what the operator commands import) does not drag in SQLAlchemy or Kafka.
+    code = (
+        "import sys, backout.producers.freezes, backout.producers.control\n"
+        "bad = [m for m in ('confluent_kafka', 'sqlalchemy', 'faust',\n"
+        "                   'backout.producers.journal') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "from backout.producers import Journal\n"
+        "assert 'backout.producers.journal' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_an_unknown_producers_name_is_an_attribute_error() -> None:
+    import backout.producers as producers
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = producers.Nope  # type: ignore[attr-defined]
