@@ -26,7 +26,11 @@ def chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite files get WAL mode and wait for the write lock."""
+    """An engine for ``url``; SQLite files get WAL mode and wait for the write lock.
+
+    New SQLite files get 16 KiB pages: the journal's rows and its seven indexes take fewer
+    page splits per batch (``page_size`` has no effect on an existing WAL file).
+    """
     if url.startswith("sqlite"):
         # Several projector processes may share a file: wait for the write lock.
         engine = create_engine(url, connect_args={"timeout": 60})
@@ -37,6 +41,7 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA page_size=16384")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()

@@ -4,6 +4,9 @@ Times are stored as integer microseconds since the epoch (UTC), like the Avro
 ``timestamp-micros`` they come from: exact, portable and cheap to index. JSON values are
 stored as canonical JSON text. The ``journal`` is append-only; every other table is a
 view that ``SqlProjectionStore`` folds from it and can rebuild from offset 0.
+
+On SQLite, ``field_writes`` and ``record_state`` are ``WITHOUT ROWID`` tables: rows live
+in their primary-key B-tree, so each write updates one tree fewer.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ record_state = Table(
         comment="space-separated events that may have changed it without an after-image",
     ),
     Index("ix_record_state_system", "system", "object_id"),
+    sqlite_with_rowid=False,
 )
 
 field_writes = Table(
@@ -159,6 +163,7 @@ field_writes = Table(
     *_flags("before_present"),
     _json("after", "JSON; null when absent"),
     *_flags("after_present", "journaled", "before_known"),
+    sqlite_with_rowid=False,
 )
 
 runs = Table(
