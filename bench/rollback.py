@@ -1,7 +1,8 @@
 """Benchmark: projection, planning and restore throughput against the issue's targets.
 
-    python -m bench.rollback            # default sizes (about a minute on 2 cores)
-    python -m bench.rollback --small    # a quick run (CI smoke test)
+    python -m bench.rollback                   # default sizes (about a minute on 2 cores)
+    python -m bench.rollback --quick           # tiny sizes (CI smoke test)
+    python -m bench.rollback --only planning   # one part (and what it needs first)
 
 1. projection: N encoded ActionEvents are published to a real topic (the broker named by
    BACKOUT_BOOTSTRAP, else an embedded one), then a Projector catches up into a SQLite
@@ -16,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 import time
@@ -28,7 +28,6 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
 
-from backout.infra.broker import Broker, start_embedded
 from backout.infra.settings import Settings
 from backout.infra.topics import ensure_topics
 from backout.producers.kafka import KafkaEventSink
@@ -48,6 +47,7 @@ from backout.schemas.events import (
     Reversibility,
     TargetRef,
 )
+from bench.figures import Figure, bench_broker, headline, measure, size_arguments
 
 RUN = "bench-run"
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -114,104 +114,91 @@ def synth_history(sizes: Sizes, *, seed: int = 7) -> Iterator[ActionEvent]:
         )
 
 
-def _broker(settings: Settings) -> Broker:
-    if settings.bootstrap:
-        return Broker(settings.bootstrap, "external")
-    return start_embedded()
-
-
-def _line(name: str, value: float, unit: str, target: float, *, higher_is_better: bool) -> str:
-    ok = value >= target if higher_is_better else value <= target
-    ratio = value / target if higher_is_better else target / value if value else float("inf")
-    cmp = ">=" if higher_is_better else "<="
-    return (
-        f"  {name:<34} {value:>12,.2f} {unit:<10} target {cmp} {target:,.0f}  "
-        f"ratio {ratio:5.2f}x  {'OK' if ok else 'MISSED'}"
-    )
+PARTS = ("projection", "planning", "restores")
 
 
 def run(
-    sizes: Sizes, workdir: Path, *, workers: int = 2, bootstrap: str | None = None
-) -> dict[str, float]:
-    """Run the three parts; returns the measured figures.
+    sizes: Sizes,
+    workdir: Path,
+    *,
+    workers: int = 2,
+    bootstrap: str | None = None,
+    only: str | None = None,
+) -> list[Figure]:
+    """Run the three parts (or ``only`` one: the parts after projection need it, so they
+    project first without judging it) and print their figures; return them.
 
     Args:
-        bootstrap: a broker to use (default: BACKOUT_BOOTSTRAP, else an embedded one).
+        bootstrap: a broker to use (default: an embedded one).
     """
-    base = Settings(bootstrap=bootstrap) if bootstrap else Settings()
-    broker = _broker(base)
-    figures: dict[str, float] = {}
-    try:
+    with bench_broker(bootstrap) as address:
         settings = Settings(
-            bootstrap=broker.bootstrap,
+            bootstrap=address,
             topic_prefix=f"bench{uuid.uuid4().hex[:8]}.",
             db=f"sqlite:///{workdir / 'projection.db'}",
             state_dir=workdir,
         )
-        ensure_topics(settings, broker.bootstrap)
+        ensure_topics(settings, address)
         events = list(synth_history(sizes))
-        print(
-            f"broker {broker.bootstrap} ({broker.kind}); {len(events):,} events, "
-            f"{sizes.records:,} records"
-        )
-
-        # 1. projection from a real topic
-        sink = KafkaEventSink(settings, broker.bootstrap, background=True)
-        topic = settings.topic("actions")
-        for e in events:
-            sink.publish(topic, e.key.encode(), encode(e), confirm=False)
-        sink.close()
+        print(f"{len(events):,} events on {sizes.records:,} records", flush=True)
         store = SqlProjectionStore(settings.db)
-        with Projector(settings, broker.bootstrap, store=store, workers=workers) as projector:
-            stats = projector.catch_up(timeout=300)
-        figures["projection_events_per_s"] = stats.rate
-        print(
-            _line(
-                f"projection into SQLite ({workers} proc)",
-                stats.rate,
-                "events/s",
-                20_000,
-                higher_is_better=True,
+        loaded: dict[str, object] = {}
+
+        def projection() -> Iterator[Figure]:
+            sink = KafkaEventSink(settings, address, background=True)
+            topic = settings.topic("actions")
+            for e in events:
+                sink.publish(topic, e.key.encode(), encode(e), confirm=False)
+            sink.close()
+            with Projector(settings, address, store=store, workers=workers) as projector:
+                stats = projector.catch_up(timeout=300)
+            if only in (None, "projection"):
+                yield Figure(
+                    f"projection into SQLite ({workers} proc)",
+                    stats.rate,
+                    "events/s",
+                    ">= 20,000/s",
+                    stats.rate >= 20_000,
+                    f"{stats.events:,} events from a real topic in {stats.seconds:.2f} s",
+                )
+
+        def planning() -> Iterator[Figure]:
+            scope = RollbackScope(run=RUN)
+            started = time.perf_counter()
+            history = loaded["history"] = store.load(scope)
+            load_s = time.perf_counter() - started
+            started = time.perf_counter()
+            plan = loaded["plan"] = plan_rollback(history, scope, now=T0 + timedelta(days=1))
+            plan_s = time.perf_counter() - started
+            counts = plan.counts()
+            if only in (None, "planning"):
+                yield Figure(
+                    "planning (pure)",
+                    plan_s,
+                    "s",
+                    "<= 3 s",
+                    plan_s <= 3,
+                    f"{plan.writes_in_scope:,} writes on {plan.records:,} records -> "
+                    f"{counts['restore']:,} restore, {counts['superseded']:,} superseded steps",
+                )
+                yield Figure("loading the scope from SQL", load_s, "s", "(info)", True)
+
+        def restores() -> Iterator[Figure]:
+            rate = _restores(
+                settings, address, loaded["plan"], loaded["history"], sizes.restores, workdir
             )
-        )
-
-        # 2. planning
-        scope = RollbackScope(run=RUN)
-        started = time.perf_counter()
-        history = store.load(scope)
-        loaded = time.perf_counter() - started
-        started = time.perf_counter()
-        plan = plan_rollback(history, scope, now=T0 + timedelta(days=1))
-        planning = time.perf_counter() - started
-        figures["plan_seconds"] = planning
-        figures["load_seconds"] = loaded
-        counts = plan.counts()
-        print(
-            f"  plan: {plan.writes_in_scope:,} writes on {plan.records:,} records -> "
-            f"{counts['restore']:,} restore, {counts['superseded']:,} superseded steps"
-        )
-        print(_line("planning (pure)", planning, "s", 3, higher_is_better=False))
-        print(
-            _line("loading the scope from SQL", loaded, "s", 3, higher_is_better=False)
-            + "  (reported, not a target)"
-        )
-
-        # 3. restores with compare-and-set on SQLite
-        figures["restores_per_s"] = _restores(
-            settings, broker.bootstrap, plan, history, sizes.restores, workdir
-        )
-        print(
-            _line(
+            yield Figure(
                 "restores on SQLite (CAS + journal)",
-                figures["restores_per_s"],
+                rate,
                 "records/s",
-                2_000,
-                higher_is_better=True,
+                ">= 2,000/s",
+                rate >= 2_000,
+                f"{sizes.restores:,} restore steps, compare-and-set, each journaled",
             )
-        )
-    finally:
-        broker.stop()
-    return figures
+
+        wanted = PARTS[: PARTS.index(only) + 1] if only else PARTS
+        chosen = {"projection": projection, "planning": planning, "restores": restores}
+        return measure([chosen[name] for name in wanted], decimals=2)
 
 
 def _restores(
@@ -269,13 +256,16 @@ def _restores(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--workers", type=int, default=2, help="projector processes")
-    args = parser.parse_args(argv)
-    sizes = SMALL if args.small else DEFAULT
+    args = size_arguments(__doc__, argv, parts=PARTS)
+    sizes = SMALL if args.quick else DEFAULT
+    headline(
+        "rollback",
+        f"{'quick' if args.quick else 'default'} sizes: {sizes.actions:,}-action run on "
+        f"{sizes.records:,} records, {sizes.restores:,} restores",
+    )
     with tempfile.TemporaryDirectory(prefix="backout-bench-") as tmp:
-        run(sizes, Path(tmp), workers=args.workers)
+        # the entrypoint: BACKOUT_* from the environment
+        run(sizes, Path(tmp), bootstrap=Settings().bootstrap, only=args.only)
 
 
 if __name__ == "__main__":
