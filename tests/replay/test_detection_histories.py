@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from backout.infra.cli import main
-from backout.processors.findings import EventRef
+from backout.processors.findings import DETECTORS, EventRef
 from backout.processors.policy import load_policy
 from backout.processors.replay import read_container, replay, write_container
 from backout.processors.replay_file import replay_file
@@ -83,15 +83,8 @@ def test_the_histories_cover_every_detector_and_response() -> None:
         expected = json.loads((HERE / case / "expected.json").read_text())
         detectors |= {f["detector"] for f in expected["findings"]}
         modes |= {c["mode"] for c in expected["commands"]}
-    assert detectors >= {
-        "policy_violation",
-        "failed_postcondition",
-        "tool_uncertainty",
-        "rate_anomaly",
-        "retry_loop",
-        "mutation_volume",
-        "blast_radius",
-    }
+    # every detector but supervisor sampling (it needs a live target, not a recording)
+    assert detectors >= set(DETECTORS) - {"supervisor_drift"}
     assert modes >= {"halt", "read_only", "quarantine_identity"}
 
 
