@@ -12,6 +12,7 @@ import pytest
 
 from backout.infra.incident_html import render_incident_html
 from backout.infra.trace import MAX_NESTING, Trace, build_trace, field_diffs, render_text
+from backout.infra.trace_model import TraceStep
 from backout.schemas.errors import ConfigError
 from backout.schemas.events import (
     ActionEvent,
@@ -280,3 +281,38 @@ def test_requested_versus_approved_arguments(story: Story) -> None:
     assert step.args_narrowed == ("amount",)
     assert "approved args differ: invoice_id='inv2', amount=100" in render_text(trace)
     assert step.to_dict()["args_narrowed"] == ["amount"]
+
+
+def test_html_timeline_escapes_every_value_from_the_log(story: Story) -> None:
+    mine = [e for e in story.events if e.run_id == "wf_1"]
+    evil = [
+        e.model_copy(
+            update={
+                "requested_args": {"note": "<b>asked</b>"},
+                "approved_args": {"note": "<i>granted</i>"},
+                "compensates": 'ev"><script>x</script>',
+                "tool": "<u>lookup</u>",
+            }
+        )
+        if e.tool == "lookup"
+        else e
+        for e in mine
+    ]
+    html = render_incident_html(build_trace("wf_1", evil), generated_at=T0)
+    assert "<b>" not in html and "<i>" not in html and "<u>" not in html
+    assert "<script>" not in html
+    assert "approved: note=&#34;&lt;i&gt;granted&lt;/i&gt;&#34;" in html
+    assert 'href="#e-ev&#34;&gt;&lt;script&gt;x&lt;/script&gt;"' in html
+    assert "<strong>&lt;u&gt;lookup&lt;/u&gt;</strong>" in html
+    # one anchored row per step of the whole tree (child steps and child runs included)
+    trace = build_trace("wf_1", evil)
+    steps, pending = 0, [trace.root]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, TraceStep):
+            steps += 1
+            pending += [*node.children, *node.child_runs]
+        else:
+            pending += [*node.steps, *node.child_runs]
+    assert steps > len(trace.root.steps)
+    assert html.count('<tr id="e-') == steps
